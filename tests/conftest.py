@@ -1,0 +1,35 @@
+"""Shared test fixtures: the reference vectors in ../shared/reference, when they are present."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def load_reference(name: str):
+    """Load one reference file, or skip the test with the reason when it is absent."""
+    path = REFERENCE_DIR / name
+    if not path.exists():
+        pytest.skip(f"reference vectors not found at {path} (they live in ../shared/reference)")
+    if path.suffix == ".json":
+        import json
+
+        return json.loads(path.read_text())
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def adm_golden():
+    return load_reference("adm_golden.pt")
+
+
+@pytest.fixture(scope="session")
+def admes_golden():
+    return load_reference("admes_golden.pt")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_layouts():
+    return load_reference("checkpoint_layouts.json")
