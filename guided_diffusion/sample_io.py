@@ -8,10 +8,17 @@ the device, so a GPU run starts from the same noise as a CPU run.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import zipfile
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from .file_util import atomic_write_text, sha256_file, temp_path_for
 
 # Independent random streams of one image.
 STREAM_NOISE = 0  # initial x_T and every per-step noise, in the order the sampler asks
@@ -80,3 +87,250 @@ def standard_normal(shape, generator=None, device=None, dtype=torch.float32) -> 
 def image_labels(seed: int, indices: Sequence[int], num_classes: int, device=None) -> torch.Tensor:
     """Class label of each image, uniform over ``num_classes``, a function of (seed, i) alone."""
     return ImageNoise(seed, indices, STREAM_LABEL).randint(num_classes, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: ADM's NPZ, written as atomic shards that a killed run resumes from
+
+
+def quantize(images: torch.Tensor) -> np.ndarray:
+    """Model output in [-1, 1], NCHW -> uint8 NHWC, exactly as ADM's sample scripts round it."""
+    out = ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+# Settings that change how a run is split up but not a single pixel of any image.
+NON_IMAGE_SETTINGS = frozenset(
+    {"batch_size", "num_samples", "output_dir", "log_dir", "world_size", "progress", "keep_shards"}
+)
+
+_SHARD_RE = re.compile(r"^shard-(\d{8,})-(\d{8,})\.npz$")
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+class SampleRun:
+    """One sampling run's output folder: shards/ while running, then ADM's final NPZ + JSON sidecar.
+
+    Image indices 0..num_samples-1 are split into contiguous batches; each finished batch is saved
+    as ``shards/shard-FIRST-LAST.npz`` by an atomic rename, so a run killed at any moment resumes
+    with exactly the missing images. ``shards/run.json`` records the settings that determine the
+    pixels; a folder made with other settings is refused rather than mixed.
+    """
+
+    def __init__(self, output_dir, settings: dict, num_samples: int, batch_size: int,
+                 image_shape, class_cond: bool, rank: int = 0, world_size: int = 1,
+                 keep_shards: bool = False):
+        if num_samples < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {num_samples}")
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+        self.output_dir = Path(output_dir)
+        self.shard_dir = self.output_dir / "shards"
+        self.settings = dict(settings)
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.image_shape = tuple(int(s) for s in image_shape)  # H, W, C
+        self.class_cond = bool(class_cond)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.keep_shards = keep_shards
+        shape_str = "x".join(str(s) for s in (self.num_samples, *self.image_shape))
+        self.final_path = self.output_dir / f"samples_{shape_str}.npz"
+        self.sidecar_path = self.final_path.with_suffix(".json")
+        self.identity = {k: v for k, v in self.settings.items() if k not in NON_IMAGE_SETTINGS}
+        self.identity.update(image_shape=list(self.image_shape), class_cond=self.class_cond)
+
+    # -- set-up, called on every rank before any shard is written -------------------------------
+    def prepare(self) -> None:
+        """Create the folders and check earlier shards were made with the same settings (rank 0)."""
+        if self.rank != 0:
+            return
+        try:
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.shard_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(
+                f"cannot write to output folder {self.output_dir} ({exc.strerror}); "
+                "choose a writable --output_dir"
+            ) from None
+        run_file = self.shard_dir / "run.json"
+        if run_file.exists():
+            earlier = json.loads(run_file.read_text())
+            if earlier != _jsonable(self.identity):
+                diff = sorted(k for k in set(earlier) | set(self.identity)
+                              if earlier.get(k) != _jsonable(self.identity).get(k))
+                raise ValueError(
+                    f"{self.output_dir} holds samples made with other settings (differing: "
+                    f"{', '.join(diff[:5])}); use another --output_dir or delete {self.shard_dir}"
+                )
+        else:
+            atomic_write_text(run_file, json.dumps(_jsonable(self.identity), indent=1, sort_keys=True))
+        for stale in self.shard_dir.glob("*.tmp*"):
+            stale.unlink(missing_ok=True)
+
+    def is_complete(self) -> bool:
+        return self.final_path.exists() and self.sidecar_path.exists()
+
+    def done_indices(self) -> set[int]:
+        done = set()
+        if self.shard_dir.exists():
+            for p in self.shard_dir.iterdir():
+                m = _SHARD_RE.match(p.name)
+                if m:
+                    done.update(range(int(m.group(1)), int(m.group(2)) + 1))
+        return done
+
+    def pending_batches(self) -> list[list[int]]:
+        """All missing images as contiguous batches, in index order (every rank computes the same)."""
+        done = self.done_indices()
+        batches, current = [], []
+        for i in range(self.num_samples):
+            if i in done:
+                continue
+            if current and (len(current) == self.batch_size or current[-1] != i - 1):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    def my_batches(self, batches: list[list[int]]) -> list[list[int]]:
+        return batches[self.rank::self.world_size]
+
+    # -- writing --------------------------------------------------------------------------------
+    def write_shard(self, indices, images: np.ndarray, labels=None) -> Path:
+        indices = [int(i) for i in indices]
+        if indices != list(range(indices[0], indices[0] + len(indices))):
+            raise ValueError("a shard must hold consecutive image indices")
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape != (len(indices), *self.image_shape):
+            raise ValueError(
+                f"shard images must be uint8 {(len(indices), *self.image_shape)}, "
+                f"got {images.dtype} {images.shape}"
+            )
+        arrays = {"images": images, "indices": np.asarray(indices, dtype=np.int64)}
+        if self.class_cond:
+            if labels is None:
+                raise ValueError("a class-conditional run needs labels for every shard")
+            arrays["labels"] = np.asarray(labels, dtype=np.int64).reshape(len(indices))
+        path = self.shard_dir / f"shard-{indices[0]:08d}-{indices[-1]:08d}.npz"
+        tmp = temp_path_for(path)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def finish(self, sidecar: dict) -> Path:
+        """Assemble the final NPZ from the shards, streaming (rank 0), then write the sidecar."""
+        shards = sorted(
+            (int(m.group(1)), int(m.group(2)), p)
+            for p in self.shard_dir.iterdir()
+            if (m := _SHARD_RE.match(p.name))
+        )
+        expected = 0
+        for first, last, p in shards:
+            if first != expected:
+                break
+            expected = last + 1
+        if expected < self.num_samples:
+            raise RuntimeError(f"images from index {expected} are missing in {self.shard_dir}; rerun to finish")
+        shards = [s for s in shards if s[0] < self.num_samples]
+        tmp = temp_path_for(self.final_path)
+        n = self.num_samples
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            self._write_member(zf, "arr_0.npy", np.dtype(np.uint8), (n, *self.image_shape),
+                               (np.load(p)["images"] for _, _, p in shards))
+            if self.class_cond:
+                self._write_member(zf, "arr_1.npy", np.dtype(np.int64), (n,),
+                                   (np.load(p)["labels"] for _, _, p in shards))
+        record = dict(sidecar)
+        record.update(num_samples=n, image_shape=list(self.image_shape), npz=self.final_path.name,
+                      npz_sha256=sha256_file(tmp))
+        atomic_write_text(self.sidecar_path.with_name(self.sidecar_path.name + ".pending"),
+                           json.dumps(_jsonable(record), indent=1, sort_keys=True))
+        os.replace(tmp, self.final_path)
+        os.replace(self.sidecar_path.with_name(self.sidecar_path.name + ".pending"), self.sidecar_path)
+        if not self.keep_shards:
+            for _, _, p in shards:
+                p.unlink(missing_ok=True)
+        return self.final_path
+
+    def _write_member(self, zf, name, dtype, shape, chunks):
+        remaining = shape[0]
+        info = zipfile.ZipInfo(name, date_time=_FIXED_ZIP_TIME)
+        with zf.open(info, "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(
+                member, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+            )
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk[:remaining], dtype=dtype)
+                member.write(chunk.tobytes())
+                remaining -= len(chunk)
+
+
+def _jsonable(value):
+    """Settings as JSON would read them back (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+
+def environment_record(world_size: int) -> dict:
+    """Versions and parallelism of this run, for the sidecar."""
+    import platform
+    from importlib import metadata
+
+    try:
+        version = metadata.version("guided-diffusion-es")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "package_version": version,
+        "torch_version": torch.__version__,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+        "world_size": world_size,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_sampling(run: SampleRun, sample_batch, sidecar: dict, progress: bool = True) -> Path | None:
+    """Sample every missing image of ``run`` on this rank, then assemble the output on rank 0.
+
+    ``sample_batch(indices)`` returns (images in [-1, 1] as an NCHW tensor, labels or None) for the
+    consecutive image indices given. Returns the final NPZ path on rank 0 and None elsewhere.
+    """
+    from tqdm.auto import tqdm
+
+    from . import dist_util
+
+    if run.is_complete() and run.rank == 0:
+        run.prepare()  # still refuse a folder made with other settings
+    if run.is_complete():
+        dist_util.barrier()
+        return run.final_path if run.rank == 0 else None
+    run.prepare()
+    dist_util.barrier()
+    batches = run.pending_batches()
+    dist_util.barrier()  # every rank has listed the shards before any rank writes a new one
+    mine = run.my_batches(batches)
+    total = sum(len(b) for b in batches)
+    bar = tqdm(total=total, unit="img", disable=not progress or run.rank != 0, desc="sampling",
+               dynamic_ncols=True, smoothing=0.1)
+    for indices in mine:
+        images, labels = sample_batch(indices)
+        run.write_shard(indices, quantize(images), None if labels is None else labels.cpu().numpy())
+        bar.update(len(indices) * run.world_size)
+    bar.close()
+    dist_util.barrier()
+    if run.rank != 0:
+        dist_util.barrier()
+        return None
+    record = dict(sidecar)
+    record.update(environment_record(run.world_size))
+    path = run.finish(record)
+    dist_util.barrier()
+    return path

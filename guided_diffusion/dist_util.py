@@ -1,0 +1,89 @@
+"""Process-group set-up for mpirun, torchrun or a single process, and one device per rank.
+
+ADM assumed 8 GPUs per node and hid devices through CUDA_VISIBLE_DEVICES; here each rank takes
+local_rank modulo the GPUs it can see (CUDA_VISIBLE_DEVICES is honoured), nccl on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from .checkpoints import load_state_dict as _safe_load_state_dict
+
+
+def _launcher_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's or Open MPI / MPICH's environment."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    for prefix in ("OMPI_COMM_WORLD_", "PMI_", "PMIX_"):
+        if prefix + "RANK" in env and prefix + "SIZE" in env:
+            local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", env[prefix + "RANK"]))
+            return int(env[prefix + "RANK"]), int(env[prefix + "SIZE"]), int(local)
+    return 0, 1, 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_dist() -> None:
+    """Initialise torch.distributed once per process (a world of one when not launched in parallel)."""
+    if dist.is_initialized():
+        return
+    rank, world, local_rank = _launcher_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        if world > 1:
+            # Launched by mpirun: rank 0 chooses the rendezvous and MPI tells the others.
+            from mpi4py import MPI
+
+            comm = MPI.COMM_WORLD
+            addr = socket.gethostbyname(socket.getfqdn()) if comm.size > 1 else "127.0.0.1"
+            addr, port = comm.bcast((addr, _free_port()) if comm.rank == 0 else None, root=0)
+        else:
+            addr, port = "127.0.0.1", _free_port()
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+
+
+def dev() -> torch.device:
+    """The device of this rank."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def load_state_dict(path, **kwargs):
+    """Load a checkpoint safely on every rank (tensors only; see checkpoints.load_state_dict)."""
+    return _safe_load_state_dict(path, map_location=kwargs.get("map_location", "cpu"))
+
+
+def sync_params(params) -> None:
+    """Broadcast parameters from rank 0 so every rank starts from the same weights."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in params:
+        with torch.no_grad():
+            dist.broadcast(p, 0)

@@ -1,0 +1,117 @@
+"""What ADM's sampling scripts share: set-up from flags, the per-image batch sampler, the sidecar.
+
+The scripts in scripts/ only declare their flags and call these functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import dist_util, logger
+from .checkpoints import load_model_weights
+from .sample_io import ImageNoise, SampleRun, image_labels, run_sampling
+from .script_util import UsageError, args_to_dict, sampling_eps_scale
+
+
+def start(args) -> None:
+    """Distributed set-up and the log folder (ADM's scripts log to $OPENAI_LOGDIR)."""
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if not args.output_dir:
+        args.output_dir = os.environ.get("OPENAI_LOGDIR") or "samples"
+    dist_util.setup_dist()
+    logger.configure(dir=args.output_dir)
+
+
+def load_network(factory, args, keys, path: str, what: str, image_size: int):
+    """Build a network with ``factory(**flags)``, load ``path`` into it; return (net, extra, sha256).
+
+    ``factory`` may return a (network, diffusion) pair; ``extra`` is then the diffusion.
+    """
+    if not path:
+        raise UsageError(f"--{what}_path is required: the checkpoint file to sample from")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} checkpoint {path} does not exist; check --{what}_path")
+    built = factory(**args_to_dict(args, keys))
+    net, extra = built if isinstance(built, tuple) else (built, None)
+    sha = load_model_weights(net, path, image_size)
+    net.to(dist_util.dev())
+    if getattr(args, "use_fp16", False) or getattr(args, "classifier_use_fp16", False):
+        net.convert_to_fp16()
+    net.eval()
+    return net, extra, sha
+
+
+def eps_schedule(args, config, diffusion):
+    schedule, source = sampling_eps_scale(args.eps_scale, config, diffusion.num_timesteps)
+    logger.log(f"epsilon scaling: {schedule} [{source}]")
+    return schedule, source
+
+
+def classifier_cond_fn(classifier, scale: float):
+    """ADM's guidance gradient: scale * d/dx log p(y | x_t) from a noise-aware classifier."""
+
+    def cond_fn(x, t, y=None):
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[torch.arange(len(log_probs), device=x.device), y.view(-1)]
+            return torch.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    return cond_fn
+
+
+def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cond_fn=None,
+                  extra_kwargs=None):
+    """``sample_batch(indices)`` for run_sampling: noise, per-step noise and labels per image.
+
+    Labels are drawn per image when ``num_classes`` is given, or come from ``extra_kwargs``'s "y".
+    """
+    device = dist_util.dev()
+    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+
+    def sample_batch(indices):
+        model_kwargs = dict(extra_kwargs(indices) if extra_kwargs else {})
+        if num_classes:
+            model_kwargs["y"] = image_labels(args.seed, indices, num_classes, device=device)
+        images = loop(
+            model,
+            (len(indices), *shape),
+            clip_denoised=args.clip_denoised,
+            model_kwargs=model_kwargs,
+            cond_fn=cond_fn,
+            device=device,
+            generator=ImageNoise(args.seed, indices),
+            eps_scale=schedule,
+        )
+        return images, model_kwargs.get("y")
+
+    return sample_batch
+
+
+def sample_to_npz(args, settings: dict, sample_batch, image_shape, class_cond: bool, sidecar: dict):
+    """Run the sharded, resumable loop and log where the NPZ went."""
+    run = SampleRun(
+        args.output_dir, settings, args.num_samples, args.batch_size, image_shape, class_cond,
+        rank=dist_util.get_rank(), world_size=dist_util.get_world_size(), keep_shards=args.keep_shards,
+    )
+    if run.is_complete():
+        logger.log(f"{run.final_path} is already complete; nothing to do")
+    path = run_sampling(run, sample_batch, sidecar, progress=args.progress)
+    if path is not None:
+        logger.log(f"saved {path}")
+        logger.log("sampling complete")
+    return path
+
+
+def run_settings(args, **extra) -> dict:
+    """Every flag, less the ones that only locate files, plus what identifies the weights."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("model_path", "classifier_path", "config")}
+    settings.update(extra)
+    return settings

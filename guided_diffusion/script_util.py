@@ -1,0 +1,594 @@
+"""Flag defaults and factories, as in ADM's script_util, plus config files and one-line CLI errors.
+
+Every flag default lives here. ``create_*`` turn ADM's command-line flags into networks and
+diffusions; ``load_config`` reads configs/NAME.yaml (the flags of a released checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from pathlib import Path
+
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import EncoderUNetModel, SuperResModel, UNetModel
+
+NUM_CLASSES = 1000
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Default channel multipliers by image size, as the released checkpoints use them.
+_UNET_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+_SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+
+
+class UsageError(ValueError):
+    """A mistake the user can fix (wrong flag, file or value); printed as one line by ``cli_main``."""
+
+
+def diffusion_defaults():
+    """Defaults for image and classifier training."""
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+    )
+
+
+def classifier_defaults():
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+        classifier_channel_mult="",
+        num_classes=NUM_CLASSES,
+    )
+
+
+def model_and_diffusion_defaults():
+    res = dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=False,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+        num_classes=NUM_CLASSES,
+    )
+    res.update(diffusion_defaults())
+    return res
+
+
+def classifier_and_diffusion_defaults():
+    res = classifier_defaults()
+    res.update(diffusion_defaults())
+    return res
+
+
+def sr_model_and_diffusion_defaults():
+    res = model_and_diffusion_defaults()
+    res["large_size"] = 256
+    res["small_size"] = 64
+    accepted = inspect.signature(sr_create_model_and_diffusion).parameters
+    return {k: v for k, v in res.items() if k in accepted}
+
+
+def _parse_channel_mult(channel_mult, image_size: int, table: dict) -> tuple:
+    if channel_mult == "" or channel_mult is None:
+        if image_size not in table:
+            raise UsageError(
+                f"no default channel_mult for image_size {image_size}; "
+                f"pass --channel_mult (e.g. 1,2,2) or use one of {sorted(table)}"
+            )
+        return table[image_size]
+    if isinstance(channel_mult, str):
+        try:
+            return tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+        except ValueError:
+            raise UsageError(f"cannot read channel_mult {channel_mult!r}; use e.g. 1,2,2,2") from None
+    return tuple(channel_mult)
+
+
+def _attention_ds(attention_resolutions, image_size: int) -> tuple:
+    """Attention resolutions in pixels ("32,16,8") -> downsample rates, as the networks take them."""
+    if attention_resolutions in ("", None):
+        return ()
+    try:
+        pixels = [int(r) for r in str(attention_resolutions).split(",")]
+    except ValueError:
+        raise UsageError(
+            f"cannot read attention_resolutions {attention_resolutions!r}; use pixel sizes such as 32,16,8"
+        ) from None
+    for p in pixels:
+        if p <= 0 or image_size % p:
+            raise UsageError(f"attention resolution {p} does not divide image_size {image_size}")
+    return tuple(image_size // p for p in pixels)
+
+
+def create_model_and_diffusion(
+    image_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    channel_mult,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order,
+    num_classes=NUM_CLASSES,
+    eps_scale=None,
+):
+    model = create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        channel_mult=channel_mult,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+        eps_scale=eps_scale,
+    )
+    return model, diffusion
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    num_classes=NUM_CLASSES,
+):
+    """ADM's UNet from script flags. ``num_classes`` (new) is the label count when class_cond."""
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_attention_ds(attention_resolutions, image_size),
+        dropout=dropout,
+        channel_mult=_parse_channel_mult(channel_mult, image_size, _UNET_CHANNEL_MULT),
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    classifier_channel_mult="",
+    num_classes=NUM_CLASSES,
+):
+    classifier = create_classifier(
+        image_size,
+        classifier_use_fp16,
+        classifier_width,
+        classifier_depth,
+        classifier_attention_resolutions,
+        classifier_use_scale_shift_norm,
+        classifier_resblock_updown,
+        classifier_pool,
+        classifier_channel_mult=classifier_channel_mult,
+        num_classes=num_classes,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return classifier, diffusion
+
+
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    classifier_channel_mult="",
+    num_classes=NUM_CLASSES,
+):
+    """ADM's noise-aware classifier. ``classifier_channel_mult`` and ``num_classes`` are new (small data)."""
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=_attention_ds(classifier_attention_resolutions, image_size),
+        channel_mult=_parse_channel_mult(classifier_channel_mult, image_size, _UNET_CHANNEL_MULT),
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    eps_scale=None,
+):
+    model = sr_create_model(
+        large_size,
+        small_size,
+        num_channels,
+        num_res_blocks,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+        eps_scale=eps_scale,
+    )
+    return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    resblock_updown,
+    use_fp16,
+):
+    if large_size not in _SR_CHANNEL_MULT:
+        raise UsageError(f"unsupported large_size {large_size}; use one of {sorted(_SR_CHANNEL_MULT)}")
+    if small_size >= large_size:
+        raise UsageError(f"small_size {small_size} must be smaller than large_size {large_size}")
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=_attention_ds(attention_resolutions, large_size),
+        dropout=dropout,
+        channel_mult=_SR_CHANNEL_MULT[large_size],
+        num_classes=(NUM_CLASSES if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+    eps_scale=None,
+):
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if not timestep_respacing:
+        timestep_respacing = [steps]
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    else:
+        var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing),
+        betas=betas,
+        model_mean_type=(gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON),
+        model_var_type=var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+        eps_scale=eps_scale,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse, as ADM's scripts use it
+
+
+def add_dict_to_argparser(parser, default_dict):
+    for k, v in default_dict.items():
+        v_type = type(v)
+        if v is None:
+            v_type = str
+        elif isinstance(v, bool):
+            v_type = str2bool
+        parser.add_argument(f"--{k}", default=v, type=v_type)
+
+
+def args_to_dict(args, keys):
+    return {k: getattr(args, k) for k in keys}
+
+
+def str2bool(v):
+    """Read True/False flags the way ADM's command lines write them (True, false, 1, no, ...)."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r} (use True or False)")
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/NAME.yaml
+
+
+def config_path(name_or_path: str) -> Path:
+    """A config given by name (``imagenet64_cond``) or by path (``configs/imagenet64_cond.yaml``)."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    by_name = CONFIG_DIR / f"{candidate.stem}.yaml"
+    if by_name.exists():
+        return by_name
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) or "none"
+    raise UsageError(f"config {name_or_path!r} not found; known configs: {known}")
+
+
+def load_config(name_or_path: str) -> dict:
+    """Read a checkpoint config; see configs/README.md for the fields."""
+    import yaml
+
+    path = config_path(name_or_path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("flags"), dict):
+        raise UsageError(f"config {path} has no 'flags' mapping; see configs/README.md")
+    config["path"] = str(path)
+    return config
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv=None):
+    """Parse flags where ``--config`` supplies defaults and flags given explicitly override them.
+
+    Returns (args, config or None, set of flag names the user typed).
+    """
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    explicit = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    config = None
+    if getattr(args, "config", None):
+        config = load_config(args.config)
+        layered = {**config["flags"], **(config.get("sample_flags") or {})}
+        known = {a.dest for a in parser._actions}
+        for key, value in layered.items():
+            if key in known and key not in explicit:
+                action = next(a for a in parser._actions if a.dest == key)
+                setattr(args, key, action.type(value) if action.type and isinstance(value, str) else value)
+    return args, config, explicit
+
+
+def cli_main(main):
+    """Run a script's ``main``; a user error ends as one line on stderr and exit status 2."""
+    try:
+        main()
+    except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
+        if rank == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags every sampling script shares, and the lambda a run uses
+
+
+def sampling_defaults():
+    """Flags that ADM's sample scripts lack: seeds, output, Epsilon Scaling, configs."""
+    return dict(
+        seed=0,
+        output_dir="",
+        config="",
+        keep_shards=False,
+        progress=True,
+    )
+
+
+def add_sampling_args(parser) -> None:
+    add_dict_to_argparser(parser, sampling_defaults())
+    parser.add_argument(
+        "--eps_scale", "--eps_scaler", dest="eps_scale", default=None,
+        help="Epsilon Scaling lambda: 1.017, linear:k=0.0025,b=1.0, table:v0,v1,..., paper, "
+        "paper:linear (from --config), or 1.0 for none. Default: the config's paper value "
+        "for this step count, else 1.0",
+    )
+
+
+def sampling_eps_scale(flag_value, config: dict | None, num_steps: int):
+    """The lambda schedule of a sampling run and where it came from.
+
+    ``flag_value`` None means: the config's published lambda for ``num_steps`` (uniform), when the
+    config has one, else no scaling. ``paper`` / ``paper:linear`` ask for the published value
+    explicitly and fail when there is none.
+    """
+    from .eps_scaling import parse_eps_scale
+
+    kind = None
+    if flag_value is None:
+        kind, required = "uniform", False
+    elif str(flag_value).strip().startswith("paper"):
+        kind = str(flag_value).partition(":")[2].strip() or "uniform"
+        required = True
+        if kind not in ("uniform", "linear"):
+            raise UsageError(f"--eps_scale {flag_value}: use paper, paper:uniform or paper:linear")
+    if kind is None:
+        schedule = parse_eps_scale(flag_value)
+        schedule.validate(num_steps)
+        return schedule, "--eps_scale"
+    table = ((config or {}).get("eps_scale") or {}).get(kind) or {}
+    value = table.get(num_steps, table.get(str(num_steps)))
+    if value is None:
+        if required:
+            where = config["path"] if config else "no --config"
+            raise UsageError(
+                f"no published {kind} lambda for {num_steps} steps in {where}; "
+                f"published step counts: {sorted(int(k) for k in table) or 'none'}; pass --eps_scale VALUE"
+            )
+        return parse_eps_scale(None), "default (no scaling)"
+    schedule = parse_eps_scale(value)
+    schedule.validate(num_steps)
+    return schedule, f"paper ({Path(config['path']).name}, {kind}, {num_steps} steps)"

@@ -1,0 +1,69 @@
+"""Like image_sample.py, but guided by a noise-aware classifier (ADM's classifier guidance).
+
+Example:
+    python scripts/classifier_sample.py --config imagenet128_cond --model_path 128x128_diffusion.pt \
+        --classifier_path 128x128_classifier.pt --classifier_scale 0.5 --timestep_respacing 100 \
+        --num_samples 50000 --batch_size 100 --eps_scale 1.004
+"""
+
+import argparse
+
+from guided_diffusion import sampling
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    add_sampling_args,
+    classifier_defaults,
+    cli_main,
+    create_classifier,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    parse_args_with_config,
+)
+
+
+def create_argparser():
+    defaults = dict(
+        clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="",
+        classifier_path="", classifier_scale=1.0,
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(classifier_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    add_sampling_args(parser)
+    return parser
+
+
+def main():
+    args, config, explicit = parse_args_with_config(create_argparser())
+    if config and config.get("classifier_scale") is not None and "classifier_scale" not in explicit:
+        args.classifier_scale = float(config["classifier_scale"])
+    sampling.start(args)
+    model, diffusion, model_sha = sampling.load_network(
+        create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",
+        args.image_size,
+    )
+    classifier, _, classifier_sha = sampling.load_network(
+        create_classifier, args, classifier_defaults().keys(), args.classifier_path, "classifier",
+        args.image_size,
+    )
+    schedule, source = sampling.eps_schedule(args, config, diffusion)
+    class_cond = args.class_cond
+
+    def model_fn(x, t, y=None):
+        return model(x, t, y if class_cond else None)
+
+    sample_batch = sampling.batch_sampler(
+        model_fn, diffusion, args, schedule, (3, args.image_size, args.image_size),
+        num_classes=args.num_classes, cond_fn=sampling.classifier_cond_fn(classifier, args.classifier_scale),
+    )
+    settings = sampling.run_settings(args, model_sha256=model_sha, classifier_sha256=classifier_sha,
+                                     eps_scale=str(schedule))
+    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(diffusion.num_timesteps),
+                   model_path=args.model_path, classifier_path=args.classifier_path,
+                   config=config["path"] if config else None)
+    sampling.sample_to_npz(args, settings, sample_batch, (args.image_size, args.image_size, 3), True, sidecar)
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,50 @@
+"""Generate a large batch of image samples from a model and save them as a large numpy array.
+
+ADM's command line, plus --eps_scale (Epsilon Scaling), --seed, --output_dir and --config.
+Example:
+    python scripts/image_sample.py --config imagenet64_cond --model_path 64x64_diffusion.pt \
+        --timestep_respacing 100 --num_samples 50000 --batch_size 256 --eps_scale 1.006
+"""
+
+import argparse
+
+from guided_diffusion import sampling
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    add_sampling_args,
+    cli_main,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    parse_args_with_config,
+)
+
+
+def create_argparser():
+    defaults = dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="")
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    add_sampling_args(parser)
+    return parser
+
+
+def main():
+    args, config, _ = parse_args_with_config(create_argparser())
+    sampling.start(args)
+    model, diffusion, sha = sampling.load_network(
+        create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",
+        args.image_size,
+    )
+    schedule, source = sampling.eps_schedule(args, config, diffusion)
+    shape = (3, args.image_size, args.image_size)
+    sample_batch = sampling.batch_sampler(
+        model, diffusion, args, schedule, shape, num_classes=args.num_classes if args.class_cond else None
+    )
+    settings = sampling.run_settings(args, model_sha256=sha, eps_scale=str(schedule))
+    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(diffusion.num_timesteps),
+                   model_path=args.model_path, config=config["path"] if config else None)
+    sampling.sample_to_npz(args, settings, sample_batch, (args.image_size, args.image_size, 3), args.class_cond, sidecar)
+
+
+if __name__ == "__main__":
+    cli_main(main)
