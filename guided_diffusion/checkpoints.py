@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .file_util import sha256_file
-from .script_util import UsageError
+from .errors import UsageError
 
 _WRAPPER_KEYS = ("state_dict", "model", "ema")
 

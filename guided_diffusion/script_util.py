@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import gaussian_diffusion as gd
+from .errors import UsageError
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -29,10 +30,6 @@ _UNET_CHANNEL_MULT = {
     32: (1, 2, 2, 2),
 }
 _SR_CHANNEL_MULT = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
-
-
-class UsageError(ValueError):
-    """A mistake the user can fix (wrong flag, file or value); printed as one line by ``cli_main``."""
 
 
 def diffusion_defaults():

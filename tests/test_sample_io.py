@@ -1,0 +1,150 @@
+"""Per-image seeds, quantization and the sharded, resumable NPZ writer."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import sample_io
+from guided_diffusion.sample_io import ImageNoise, SampleRun, image_labels, quantize, run_sampling
+
+
+def test_image_noise_rows_do_not_depend_on_batch_composition():
+    a = ImageNoise(7, [0, 1, 2, 3]).randn((4, 3, 2, 2))
+    b = ImageNoise(7, [2, 3]).randn((2, 3, 2, 2))
+    c = ImageNoise(7, [3]).randn((1, 3, 2, 2))
+    assert torch.equal(a[2:], b)
+    assert torch.equal(a[3:], c)
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(a, ImageNoise(8, [0, 1, 2, 3]).randn((4, 3, 2, 2)))
+
+
+def test_successive_draws_advance_each_stream():
+    noise = ImageNoise(0, [5])
+    first, second = noise.randn((1, 4)), noise.randn((1, 4))
+    gen = sample_io.image_generator(0, 5)
+    assert torch.equal(first[0], torch.randn(4, generator=gen))
+    assert torch.equal(second[0], torch.randn(4, generator=gen))
+
+
+def test_noise_batch_size_mismatch_is_refused():
+    with pytest.raises(ValueError, match="batch 3"):
+        ImageNoise(0, [0, 1]).randn((3, 2))
+
+
+def test_labels_are_per_image_and_in_range():
+    labels = image_labels(3, range(200), 10)
+    assert labels.dtype == torch.int64
+    assert labels.min() >= 0 and labels.max() < 10
+    assert torch.equal(labels[50:60], image_labels(3, range(50, 60), 10))
+    assert len(set(labels.tolist())) == 10
+
+
+def test_quantize_matches_adm_formula_on_known_values():
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    out = quantize(x)
+    assert out.shape == (1, 1, 7, 3) and out.dtype == np.uint8
+    # (x + 1) * 127.5, clamped to [0, 255], truncated toward zero by the uint8 cast
+    assert out[0, 0, :, 0].tolist() == [0, 0, 63, 127, 254, 255, 255]
+
+
+def _fake_sampler(seed, shape=(3, 4, 4), num_classes=5):
+    def sample_batch(indices):
+        images = ImageNoise(seed, indices).randn((len(indices), *shape)).clamp(-1, 1)
+        return images, image_labels(seed, indices, num_classes)
+    return sample_batch
+
+
+def _run(tmp_path, name, num, batch, settings=None, sampler=None, **kw):
+    run = SampleRun(tmp_path / name, settings or {"seed": 1}, num, batch, (4, 4, 3), True, **kw)
+    return run, run_sampling(run, sampler or _fake_sampler(1), {"note": "test"}, progress=False)
+
+
+def test_final_npz_is_adm_format_and_independent_of_batch_size(tmp_path):
+    _, p4 = _run(tmp_path, "b4", 11, 4)
+    _, p7 = _run(tmp_path, "b7", 11, 7)
+    assert p4.name == "samples_11x4x4x3.npz"
+    assert p4.read_bytes() == p7.read_bytes()
+    data = np.load(p4)
+    assert sorted(data.files) == ["arr_0", "arr_1"]
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (11, 4, 4, 3)
+    assert data["arr_1"].dtype == np.int64
+    expected = quantize(ImageNoise(1, range(11)).randn((11, 3, 4, 4)).clamp(-1, 1))
+    assert np.array_equal(data["arr_0"], expected)
+    sidecar = json.loads(p4.with_suffix(".json").read_text())
+    assert sidecar["num_samples"] == 11 and sidecar["note"] == "test"
+    assert "torch_version" in sidecar and sidecar["world_size"] == 1
+    assert not list((tmp_path / "b4" / "shards").glob("shard-*"))
+
+
+def test_resume_after_interruption_gives_identical_npz(tmp_path):
+    _, reference = _run(tmp_path, "full", 10, 3)
+    calls = []
+    base = _fake_sampler(1)
+
+    def dying(indices):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after two shards
+        calls.append(indices)
+        return base(indices)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "resumed", 10, 3, sampler=dying)
+    shard_dir = tmp_path / "resumed" / "shards"
+    assert len(list(shard_dir.glob("shard-*.npz"))) == 2
+    (shard_dir / "shard-00000009-00000009.npz.tmp123").write_bytes(b"half a file")
+    resumed_calls = []
+
+    def counting(indices):
+        resumed_calls.append(list(indices))
+        return base(indices)
+
+    _, path = _run(tmp_path, "resumed", 10, 4, sampler=counting)  # a different batch size is fine
+    assert resumed_calls == [[6, 7, 8, 9]]
+    assert path.read_bytes() == reference.read_bytes()
+    assert not list(shard_dir.glob("*.tmp*"))
+
+
+def test_shards_from_other_settings_are_refused(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "x", 6, 2, sampler=lambda idx: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        _run(tmp_path, "x", 6, 2, settings={"seed": 2})
+
+
+def test_completed_run_is_not_redone(tmp_path):
+    _, first = _run(tmp_path, "done", 5, 2)
+    before = first.read_bytes()
+    _, again = _run(tmp_path, "done", 5, 2, sampler=lambda idx: pytest.fail("resampled a finished run"))
+    assert again.read_bytes() == before
+
+
+def test_two_ranks_split_batches_without_overlap(tmp_path):
+    runs = [SampleRun(tmp_path, {"seed": 0}, 9, 2, (4, 4, 3), False, rank=r, world_size=2) for r in range(2)]
+    runs[0].prepare()
+    batches = runs[0].pending_batches()
+    mine = [runs[r].my_batches(batches) for r in range(2)]
+    flat = sorted(i for part in mine for b in part for i in b)
+    assert flat == list(range(9))
+    assert not set(i for b in mine[0] for i in b) & set(i for b in mine[1] for i in b)
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="num_samples"):
+        SampleRun(tmp_path, {}, 0, 4, (4, 4, 3), False)
+    run = SampleRun(tmp_path, {}, 4, 4, (4, 4, 3), False)
+    run.prepare()
+    with pytest.raises(ValueError, match="uint8"):
+        run.write_shard([0, 1], np.zeros((2, 4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="consecutive"):
+        run.write_shard([0, 2], np.zeros((2, 4, 4, 3), dtype=np.uint8))
+    assert not list((tmp_path / "shards").glob("shard-*"))
+
+
+def test_unwritable_output_folder_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    run = SampleRun(blocker / "out", {}, 2, 2, (4, 4, 3), False)
+    with pytest.raises(PermissionError, match="cannot write to output folder"):
+        run.prepare()
