@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -71,7 +70,7 @@ def load_state_dict(path, map_location="cpu") -> dict:
             f"{path} contains pickled objects that safe loading refuses ({first[:160]}); "
             "only files of tensors (model*.pt, ema_*.pt, .safetensors) are loaded"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # any other failure to parse: the file is not a checkpoint
         raise UsageError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
     while isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS:
         obj = next(iter(obj.values()))

@@ -43,7 +43,10 @@ def load_network(factory, args, keys, path: str, what: str, image_size: int):
     sha = load_model_weights(net, path, image_size)
     net.to(dist_util.dev())
     if getattr(args, "use_fp16", False) or getattr(args, "classifier_use_fp16", False):
-        net.convert_to_fp16()
+        if dist_util.dev().type == "cuda":
+            net.convert_to_fp16()
+        else:
+            logger.log(f"{what}: use_fp16 ignored on CPU (float16 convolutions there are slow); running float32")
     net.eval()
     return net, extra, sha
 

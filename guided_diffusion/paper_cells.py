@@ -1,0 +1,81 @@
+"""Shell commands that reproduce one cell of the ES paper's ADM table from a checkpoint config.
+
+A cell is (config, number of sampling steps, variant): ``base`` (lambda = 1), ``es`` (the paper's
+uniform lambda) or ``es-linear`` (the paper's linear schedule). The commands download the
+checkpoint(s) and reference batch when missing, sample 50,000 images over N GPUs with mpirun, and
+score them with the evaluator.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from .errors import UsageError
+from .script_util import load_config
+
+VARIANTS = ("base", "es", "es-linear")
+
+
+def _download(url: str | None, dest: Path, what: str) -> str:
+    if not url:
+        return f"[ -f {shlex.quote(str(dest))} ] || {{ echo 'put the {what} at {dest} (no public URL known)' >&2; exit 1; }}"
+    part = shlex.quote(str(dest) + ".part")
+    return (f"[ -f {shlex.quote(str(dest))} ] || {{ curl -fL --retry 3 -o {part} {shlex.quote(url)} && "
+            f"mv {part} {shlex.quote(str(dest))}; }}")
+
+
+def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1, work_dir: str = "runs",
+                  num_samples: int = 50000, batch_size: int | None = None) -> list[str]:
+    if variant not in VARIANTS:
+        raise UsageError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
+    if steps < 1 or num_gpus < 1:
+        raise UsageError("steps and the number of GPUs must be at least 1")
+    config = load_config(config_name)
+    if config.get("kind", "diffusion") != "diffusion":
+        raise UsageError(f"{config_name} is a {config.get('kind')} config; a table cell needs a diffusion model")
+    name = config["name"]
+    work = Path(work_dir)
+    models, refs = work / "models", work / "reference"
+    commands = [f"mkdir -p {shlex.quote(str(models))} {shlex.quote(str(refs))}"]
+    model_file = models / (config.get("checkpoint_file") or f"{name}.pt")
+    commands.append(_download(config.get("checkpoint_url"), model_file, f"{name} checkpoint"))
+
+    if variant == "base":
+        eps = "1.0"
+    else:
+        kind = "linear" if variant == "es-linear" else "uniform"
+        table = (config.get("eps_scale") or {}).get(kind) or {}
+        eps = table.get(steps, table.get(str(steps)))
+        if eps is None:
+            published = sorted(int(k) for k in table) or "none"
+            raise UsageError(f"{name} has no published {kind} lambda for {steps} steps (published: {published})")
+
+    out_dir = work / name / f"{steps}steps-{variant}"
+    flags = [
+        "--config", name, "--model_path", str(model_file), "--timestep_respacing", str(steps),
+        "--num_samples", str(num_samples), "--eps_scale", str(eps), "--output_dir", str(out_dir),
+    ]
+    if batch_size:
+        flags += ["--batch_size", str(batch_size)]
+    script = "scripts/image_sample.py"
+    if config.get("classifier") and config.get("classifier_scale"):
+        classifier = load_config(config["classifier"])
+        classifier_file = models / (classifier.get("checkpoint_file") or f"{classifier['name']}.pt")
+        commands.append(_download(classifier.get("checkpoint_url"), classifier_file, "classifier checkpoint"))
+        script = "scripts/classifier_sample.py"
+        flags += ["--classifier_path", str(classifier_file), "--classifier_scale", str(config["classifier_scale"])]
+        flags += [f"--{k}={v}" for k, v in classifier["flags"].items() if k.startswith("classifier_")]
+    launcher = f"mpirun -n {num_gpus} " if num_gpus > 1 else ""
+    commands.append(launcher + "python " + script + " " + " ".join(shlex.quote(f) for f in flags))
+
+    size = config["flags"].get("image_size", config["flags"].get("large_size"))
+    samples = out_dir / f"samples_{num_samples}x{size}x{size}x3.npz"
+    ref_url = config.get("reference_batch_url")
+    ref_file = refs / (Path(ref_url).name if ref_url else f"{name}_reference.npz")
+    commands.append(_download(ref_url, ref_file, "reference batch (build one with scripts/make_reference_batch.py)"))
+    commands.append(
+        f"python evaluations/evaluator.py {shlex.quote(str(ref_file))} {shlex.quote(str(samples))} "
+        f"--output_json {shlex.quote(str(out_dir / 'metrics.json'))}"
+    )
+    return commands

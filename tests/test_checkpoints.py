@@ -1,0 +1,96 @@
+"""Safe checkpoint loading and the flags a checkpoint's shapes imply."""
+
+import os
+
+import pytest
+import torch
+
+from guided_diffusion.checkpoints import check_fits, infer_unet_flags, load_model_weights, load_state_dict
+from guided_diffusion.errors import UsageError
+
+UNET_LAYOUTS = [
+    "imagenet64_cond", "imagenet128_cond", "imagenet256_cond", "imagenet256_uncond", "imagenet512_cond",
+    "lsun256", "cifar10_uncond_admes", "lsun_tower64_admes", "ffhq128_admes", "upsampler64_256",
+    "upsampler128_512",
+]
+DEFAULT_MULT = {512: "0.5,1,1,2,2,4,4", 256: "1,1,2,2,4,4", 128: "1,1,2,3,4", 64: "1,2,3,4"}
+
+
+def _meta_state_dict(layout):
+    return {k: torch.empty(shape, device="meta") for k, shape in layout["keys"].items()}
+
+
+@pytest.mark.parametrize("name", UNET_LAYOUTS)
+def test_inferred_flags_match_released_checkpoint_flags(checkpoint_layouts, name):
+    layout = checkpoint_layouts[name]
+    flags = layout["flags"]
+    size = flags.get("image_size", flags.get("large_size"))
+    inferred = infer_unet_flags(_meta_state_dict(layout), image_size=size)
+    assert inferred["num_channels"] == flags["num_channels"]
+    assert inferred["num_res_blocks"] == flags["num_res_blocks"]
+    assert inferred["learn_sigma"] == flags["learn_sigma"]
+    assert inferred["class_cond"] == flags["class_cond"]
+    assert inferred["use_scale_shift_norm"] == flags["use_scale_shift_norm"]
+    assert inferred["resblock_updown"] == flags["resblock_updown"]
+    want_mult = flags.get("channel_mult") or ("1,1,2,2,4,4" if "large_size" in flags else DEFAULT_MULT[size])
+    assert [float(m) for m in inferred["channel_mult"].split(",")] == [float(m) for m in want_mult.split(",")]
+    assert sorted(map(int, inferred["attention_resolutions"].split(","))) == sorted(
+        map(int, flags["attention_resolutions"].split(","))
+    )
+    if flags["class_cond"]:
+        assert inferred["num_classes"] == 1000
+
+
+def test_optimizer_file_is_named_as_such(tmp_path):
+    param = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([param])
+    param.grad = torch.ones(2)
+    opt.step()
+    path = tmp_path / "opt001000.pt"
+    torch.save(opt.state_dict(), path)
+    with pytest.raises(UsageError, match="optimizer state.*model\\*.pt or ema_\\*.pt"):
+        load_state_dict(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PAYLOAD_RAN",))
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.ones(1), "x": _Payload()}, path)
+    with pytest.raises(UsageError, match="safe loading refuses"):
+        load_state_dict(path)
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+
+
+def test_missing_file_and_wrong_kinds(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_state_dict(tmp_path / "nope.pt")
+    with pytest.raises(UsageError, match="is a folder"):
+        load_state_dict(tmp_path)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(UsageError, match="not a readable PyTorch checkpoint"):
+        load_state_dict(junk)
+    listy = tmp_path / "list.pt"
+    torch.save([torch.ones(1)], listy)
+    with pytest.raises(UsageError, match="holds a list"):
+        load_state_dict(listy)
+    pkl = tmp_path / "edm.pkl"
+    pkl.write_bytes(b"x")
+    with pytest.raises(UsageError, match="convert_edm_pkl"):
+        load_state_dict(pkl)
+
+
+def test_safetensors_and_wrapped_state_dicts_load(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4)}
+    save_file(sd, tmp_path / "m.safetensors")
+    torch.save({"state_dict": sd}, tmp_path / "wrapped.pt")
+    for name in ("m.safetensors", "wrapped.pt"):
+        loaded = load_state_dict(tmp_path / name)
+        assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)

@@ -1,0 +1,102 @@
+"""Every shipped config builds the network of its released checkpoint, key for key, shape for shape."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from guided_diffusion import script_util as su
+from guided_diffusion.eps_scaling import parse_eps_scale
+from guided_diffusion.errors import UsageError
+
+CONFIGS = sorted(p.stem for p in su.CONFIG_DIR.glob("*.yaml"))
+
+# The ES paper (Ning et al., ICLR 2024), ADM rows: uniform lambda at 100/50/20 steps, linear at 20.
+PAPER_LAMBDA = {
+    "cifar10_uncond_admes": ({100: 1.017, 50: 1.017, 20: 1.017}, (0.0025, 1.0)),
+    "lsun_tower64_admes": ({100: 1.006, 50: 1.007, 20: 1.011}, (0.0008, 1.0034)),
+    "ffhq128_admes": ({100: 1.005, 50: 1.007, 20: 1.008}, (0.0004, 1.0042)),
+    "imagenet64_cond": ({100: 1.006, 50: 1.006, 20: 1.006}, (0.0002, 1.0041)),
+    "imagenet128_cond": ({100: 1.004, 50: 1.004, 20: 1.005}, (0.00022, 1.00291)),
+}
+
+
+def build(config):
+    flags = config["flags"]
+    kind = config.get("kind", "diffusion")
+    with torch.device("meta"):
+        if kind == "classifier":
+            args = {**su.classifier_defaults(), **flags}
+            return su.create_classifier(**{k: args[k] for k in su.classifier_defaults()})
+        if kind == "upsampler":
+            args = {**su.sr_model_and_diffusion_defaults(), **flags}
+            return su.sr_create_model_and_diffusion(**{k: args[k] for k in su.sr_model_and_diffusion_defaults()})[0]
+        args = {**su.model_and_diffusion_defaults(), **flags}
+        return su.create_model_and_diffusion(**{k: args[k] for k in su.model_and_diffusion_defaults()})[0]
+
+
+def test_there_is_a_config_for_every_released_layout(checkpoint_layouts):
+    covered = {su.load_config(name).get("layout") for name in CONFIGS}
+    assert set(checkpoint_layouts) - covered == set()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_the_released_layout(name, checkpoint_layouts):
+    config = su.load_config(name)
+    model = build(config)
+    layout = config.get("layout")
+    if layout is None:
+        assert sum(p.numel() for p in model.parameters()) > 0
+        return
+    expected = checkpoint_layouts[layout]
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected["keys"]
+    assert sum(p.numel() for p in model.parameters()) == expected["num_params"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_lambdas_parse(name):
+    config = su.load_config(name)
+    for kind, table in (config.get("eps_scale") or {}).items():
+        for steps, value in table.items():
+            parse_eps_scale(value).validate(int(steps))
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_LAMBDA))
+def test_config_lambdas_are_the_papers(name):
+    uniform, (k, b) = PAPER_LAMBDA[name]
+    config = su.load_config(name)
+    for steps, value in uniform.items():
+        assert parse_eps_scale(config["eps_scale"]["uniform"][steps]).b == pytest.approx(value, abs=1e-12)
+    linear = parse_eps_scale(config["eps_scale"]["linear"][20])
+    assert (linear.k, linear.b) == pytest.approx((k, b), abs=1e-12)
+
+
+def test_paper_lambda_is_used_unless_the_flag_is_given():
+    config = su.load_config("cifar10_uncond_admes")
+    schedule, source = su.sampling_eps_scale(None, config, 100)
+    assert schedule.b == pytest.approx(1.017) and source.startswith("paper")
+    schedule, source = su.sampling_eps_scale("1.0", config, 100)
+    assert schedule.is_identity and source == "--eps_scale"
+    schedule, _ = su.sampling_eps_scale("paper:linear", config, 20)
+    assert (schedule.k, schedule.b) == pytest.approx((0.0025, 1.0))
+    schedule, source = su.sampling_eps_scale(None, config, 37)
+    assert schedule.is_identity and source.startswith("default")
+    with pytest.raises(UsageError, match="no published uniform lambda for 37 steps"):
+        su.sampling_eps_scale("paper", config, 37)
+
+
+def test_unknown_config_is_one_clear_error():
+    with pytest.raises(UsageError, match="config 'imagenet65' not found; known configs: .*imagenet64_cond"):
+        su.load_config("imagenet65")
+
+
+def test_bad_yaml_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("flags: [unclosed")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        su.load_config(str(bad))
+    no_flags = tmp_path / "noflags.yaml"
+    no_flags.write_text("name: x\n")
+    with pytest.raises(UsageError, match="no 'flags' mapping"):
+        su.load_config(str(no_flags))
