@@ -25,6 +25,12 @@ def start(args) -> None:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if not args.output_dir:
         args.output_dir = os.environ.get("OPENAI_LOGDIR") or "samples"
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to output folder {args.output_dir} ({exc.strerror}); choose a writable --output_dir"
+        ) from None
     dist_util.setup_dist()
     logger.configure(dir=args.output_dir)
 

