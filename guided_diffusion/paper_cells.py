@@ -76,6 +76,6 @@ def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1,
     commands.append(_download(ref_url, ref_file, "reference batch (build one with scripts/make_reference_batch.py)"))
     commands.append(
         f"python evaluations/evaluator.py {shlex.quote(str(ref_file))} {shlex.quote(str(samples))} "
-        f"--output_json {shlex.quote(str(out_dir / 'metrics.json'))}"
+        f"--json {shlex.quote(str(out_dir / 'metrics.json'))}"
     )
     return commands

@@ -516,6 +516,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv=None):
             if key in known and key not in explicit:
                 action = next(a for a in parser._actions if a.dest == key)
                 setattr(args, key, action.type(value) if action.type and isinstance(value, str) else value)
+        shipped = config.get("checkpoint_path")
+        if shipped and hasattr(args, "model_path") and "model_path" not in explicit:
+            args.model_path = str(CONFIG_DIR.parent / shipped)
     return args, config, explicit
 
 
