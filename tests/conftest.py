@@ -1,9 +1,15 @@
 """Shared test fixtures: the reference vectors in ../shared/reference, when they are present."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tiny networks gain nothing from a second thread, and OpenMP threads that wait for a busy core
+# make them many times slower; subprocesses started by tests inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

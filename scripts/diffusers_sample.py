@@ -1,0 +1,77 @@
+"""Sample an unconditional diffusers pipeline with Epsilon Scaling into ADM's NPZ.
+
+The model is a folder written by save_pretrained or a model id (DDPMPipeline, DDIMPipeline,
+LDMPipeline). Seeds, sharding, resume, the NPZ and its JSON sidecar are those of image_sample.py,
+so the evaluator scores the output the same way. Needs: pip install 'guided-diffusion-es[diffusers]'.
+Example:
+    python scripts/diffusers_sample.py --model google/ddpm-cifar10-32 --scheduler ddpm --steps 100 \
+        --eps_scale 1.017 --num_samples 50000 --batch_size 256 --output_dir samples/ddpm_es
+"""
+
+import argparse
+import inspect
+
+from guided_diffusion import diffusers_es, dist_util, logger, sampling
+from guided_diffusion.script_util import (
+    UsageError,
+    add_dict_to_argparser,
+    add_sampling_args,
+    cli_main,
+    parse_args_with_config,
+    sampling_eps_scale,
+)
+
+
+def create_argparser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="diffusers pipeline folder or model id")
+    parser.add_argument(
+        "--scheduler", default="pipeline",
+        choices=["pipeline", *diffusers_es.SCHEDULER_FLAGS],
+        help="sampler; 'pipeline' keeps the pipeline's own, the others are built from its config",
+    )
+    add_dict_to_argparser(parser, dict(steps=100, eta=0.0, num_samples=10000, batch_size=16))
+    add_sampling_args(parser)
+    return parser
+
+
+def main():
+    args, config, _ = parse_args_with_config(create_argparser())
+    try:
+        diffusers = diffusers_es.require_diffusers()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    diffusers.utils.logging.disable_progress_bar()  # loading bars; sampling has its own
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    schedule, source = sampling_eps_scale(args.eps_scale, config, args.steps)
+    pipe = diffusers_es.load_pipeline(args.model)
+    scheduler = diffusers_es.use_scheduler(pipe, args.scheduler)
+    diffusers_es.apply_eps_scaling(pipe, schedule)
+    call_kwargs = {}
+    if "eta" in inspect.signature(pipe.__call__).parameters:
+        call_kwargs["eta"] = args.eta
+    elif args.eta != 0.0:
+        raise UsageError(f"--eta {args.eta}: {type(pipe).__name__} takes no eta; leave --eta at 0")
+
+    sampling.start(args)
+    logger.log(f"{type(pipe).__name__} with {type(scheduler).__name__}, {args.steps} steps, "
+               f"epsilon scaling: {schedule} [{source}]")
+    weights_sha256 = diffusers_es.pipeline_weights_sha256(pipe)
+    pipe.to(dist_util.dev())
+
+    def sample_batch(indices):
+        return diffusers_es.sample_images(pipe, args.seed, indices, args.steps, **call_kwargs), None
+
+    scheduler_config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    settings = sampling.run_settings(
+        args, model_sha256=weights_sha256, eps_scale=str(schedule), pipeline=type(pipe).__name__,
+        scheduler_class=type(scheduler).__name__, scheduler_config=scheduler_config,
+    )
+    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(args.steps),
+                   diffusers_version=diffusers.__version__, config=config["path"] if config else None)
+    sampling.sample_to_npz(args, settings, sample_batch, diffusers_es.image_shape(pipe), False, sidecar)
+
+
+if __name__ == "__main__":
+    cli_main(main)
