@@ -22,7 +22,7 @@ FEATURE_DIM = 64
 
 
 class DigitFeatureNet(nn.Module):
-    """Conv net on 8x8 gray digits in [-1, 1]: ``features`` (64-d) and class ``logits`` (10)."""
+    """Conv net on 8x8 gray digits in [-1, 1]: ``features`` (64-d) and class logits (10) from them."""
 
     def __init__(self):
         super().__init__()
@@ -34,10 +34,10 @@ class DigitFeatureNet(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x))
         h = F.avg_pool2d(F.relu(self.conv2(h)), 2)
-        return F.relu(self.fc(h.flatten(1)))
+        return self.fc(h.flatten(1))  # before the ReLU: no dead units, so the covariance has full rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.head(F.relu(self.features(x)))
 
 
 def to_network_input(images) -> torch.Tensor:
