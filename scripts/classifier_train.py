@@ -1,0 +1,92 @@
+"""Train a noise-aware classifier (for classifier guidance) on images.
+
+ADM's command line, plus --use_bf16 (bfloat16 autocast), --seed and --log_dir. Labels are the
+file-name prefixes before the first "_" (or the digits, with --data_dir digits).
+Example:
+    python scripts/classifier_train.py --data_dir digits --image_size 8 --num_classes 10 \
+        --classifier_width 32 --classifier_depth 1 --classifier_channel_mult 1,2 \
+        --classifier_attention_resolutions "" --classifier_pool adaptive --batch_size 64 \
+        --iterations 2000 --log_dir runs/digits_classifier
+"""
+
+import argparse
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    classifier_and_diffusion_defaults,
+    cli_main,
+    create_classifier_and_diffusion,
+)
+from guided_diffusion.train_util import (
+    ClassifierTrainLoop,
+    classifier_training_defaults,
+    parse_resume_step_from_filename,
+    start_training,
+)
+
+
+def create_argparser():
+    defaults = classifier_training_defaults()
+    defaults.update(classifier_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    start_training(args)
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_classifier_and_diffusion(
+        **args_to_dict(args, classifier_and_diffusion_defaults().keys())
+    )
+    model.to(dist_util.dev())
+    logger.log("creating data loader...")
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=True,
+        random_crop=True,
+        seed=args.seed,
+        start_batch=parse_resume_step_from_filename(args.resume_checkpoint),
+    )
+    val_data = None
+    if args.val_data_dir:
+        val_data = load_data(
+            data_dir=args.val_data_dir,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            class_cond=True,
+            seed=args.seed,
+        )
+    logger.log("training classifier model...")
+    ClassifierTrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        val_data=val_data,
+        noised=args.noised,
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        eval_interval=args.eval_interval,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.iterations if args.anneal_lr else 0,
+        max_steps=args.iterations,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.classifier_use_fp16,
+        use_bf16=args.use_bf16,
+        seed=args.seed,
+    ).run_loop()
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,62 @@
+"""Train a diffusion model on images.
+
+ADM's command line, plus --max_steps (end the run), --use_bf16 (bfloat16 autocast),
+--input_perturbation GAMMA (DDPM-IP), --seed and --log_dir (checkpoints and logs).
+--data_dir takes a folder of images, or digits / digits:SIZE (scikit-learn's 8x8 digits) offline.
+Example:
+    python scripts/image_train.py --data_dir digits --image_size 8 --num_channels 32 --channel_mult 1,2 \
+        --attention_resolutions "" --class_cond True --num_classes 10 --batch_size 64 --lr 2e-4 \
+        --max_steps 3000 --save_interval 1000 --log_dir runs/digits
+    mpirun -n 8 python scripts/image_train.py ...   (or torchrun --nproc_per_node 8 ...)
+"""
+
+import argparse
+
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    cli_main,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import (
+    diffusion_training_defaults,
+    parse_resume_step_from_filename,
+    start_training,
+    train_loop_from_args,
+)
+
+
+def create_argparser():
+    defaults = diffusion_training_defaults()
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    start_training(args)
+    logger.log("creating model and diffusion...")
+    model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+    model.to(dist_util.dev())
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+    logger.log("creating data loader...")
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        seed=args.seed,
+        start_batch=parse_resume_step_from_filename(args.resume_checkpoint),
+    )
+    logger.log("training...")
+    train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
+
+
+if __name__ == "__main__":
+    cli_main(main)
