@@ -83,9 +83,7 @@ class DigitsBench:
         cond_fn, model = None, network
         if guidance:
             cond_fn = classifier_cond_fn(self.classifier, guidance)
-
-            def model(x, t, y=None):  # the labels steer the classifier; the unconditional model never sees them
-                return network(x, t)
+            model = _without_labels(network)
 
         args = argparse.Namespace(seed=seed, use_ddim=False, clip_denoised=True)
         sample_batch = batch_sampler(model, diffusion, args, schedule, (3, 8, 8),
@@ -104,6 +102,11 @@ class DigitsBench:
         with torch.no_grad():
             predicted = self.features_net(to_network_input(images)).argmax(1).numpy()
         return float((predicted == labels).mean())
+
+
+def _without_labels(network):
+    """The labels steer the classifier only; an unconditional model never sees them (as in ADM)."""
+    return lambda x, t, y=None: network(x, t)
 
 
 def _mean_std(values) -> tuple[float, float]:

@@ -84,6 +84,53 @@ def model_and_diffusion_defaults():
     return res
 
 
+def diffusion_training_defaults():
+    """Flags of image_train.py and super_res_train.py: ADM's, then the new ones."""
+    return dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        use_bf16=False,
+        input_perturbation=0.0,
+        max_steps=0,
+        seed=0,
+        log_dir="",
+    )
+
+
+def classifier_training_defaults():
+    """Flags of classifier_train.py: ADM's, then the new ones (fp16 is --classifier_use_fp16)."""
+    return dict(
+        data_dir="",
+        val_data_dir="",
+        noised=True,
+        iterations=150000,
+        lr=3e-4,
+        weight_decay=0.0,
+        anneal_lr=False,
+        batch_size=4,
+        microbatch=-1,
+        schedule_sampler="uniform",
+        resume_checkpoint="",
+        log_interval=10,
+        eval_interval=5,
+        save_interval=10000,
+        use_bf16=False,
+        seed=0,
+        log_dir="",
+    )
+
+
 def classifier_and_diffusion_defaults():
     res = classifier_defaults()
     res.update(diffusion_defaults())

@@ -18,12 +18,12 @@ from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     classifier_and_diffusion_defaults,
+    classifier_training_defaults,
     cli_main,
     create_classifier_and_diffusion,
 )
 from guided_diffusion.train_util import (
     ClassifierTrainLoop,
-    classifier_training_defaults,
     parse_resume_step_from_filename,
     start_training,
 )

@@ -20,10 +20,10 @@ from guided_diffusion.script_util import (
     args_to_dict,
     cli_main,
     create_model_and_diffusion,
+    diffusion_training_defaults,
     model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import (
-    diffusion_training_defaults,
     parse_resume_step_from_filename,
     start_training,
     train_loop_from_args,

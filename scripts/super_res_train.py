@@ -16,11 +16,11 @@ from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     cli_main,
+    diffusion_training_defaults,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import (
-    diffusion_training_defaults,
     parse_resume_step_from_filename,
     start_training,
     train_loop_from_args,

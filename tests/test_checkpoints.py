@@ -94,3 +94,38 @@ def test_safetensors_and_wrapped_state_dicts_load(tmp_path):
     for name in ("m.safetensors", "wrapped.pt"):
         loaded = load_state_dict(tmp_path / name)
         assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def _tiny_unet(**overrides):
+    from guided_diffusion import script_util as su
+
+    flags = dict(su.model_and_diffusion_defaults(), image_size=8, num_channels=32, num_res_blocks=1,
+                 channel_mult="1,2", attention_resolutions="4", num_head_channels=16, learn_sigma=True)
+    flags.update(overrides)
+    return su.create_model_and_diffusion(**flags)[0]
+
+
+def test_mismatch_names_the_first_keys_and_the_flag_that_explains_them(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(_tiny_unet(class_cond=True, num_classes=10).state_dict(), path)
+    with pytest.raises(UsageError) as info:
+        check_fits(_tiny_unet(), load_state_dict(path), image_size=8)
+    message = str(info.value)
+    assert "unexpected keys (first label_emb.weight)" in message and "--class_cond True" in message
+    torch.save(_tiny_unet(learn_sigma=False).state_dict(), path)
+    with pytest.raises(UsageError, match="--learn_sigma False"):
+        load_model_weights(_tiny_unet(), path, image_size=8)
+
+
+def test_matching_checkpoint_loads_exactly_and_reports_its_hash(tmp_path):
+    from guided_diffusion.file_util import sha256_file
+
+    source = _tiny_unet()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    path = tmp_path / "ema_0.9999_000100.pt"
+    torch.save(source.state_dict(), path)
+    target = _tiny_unet()
+    assert load_model_weights(target, path, image_size=8) == sha256_file(path)
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))

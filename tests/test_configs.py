@@ -1,7 +1,5 @@
 """Every shipped config builds the network of its released checkpoint, key for key, shape for shape."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,6 +8,7 @@ from guided_diffusion.eps_scaling import parse_eps_scale
 from guided_diffusion.errors import UsageError
 
 CONFIGS = sorted(p.stem for p in su.CONFIG_DIR.glob("*.yaml"))
+ADM_CONFIGS = [name for name in CONFIGS if su.load_config(name).get("kind") != "edm"]
 
 # The ES paper (Ning et al., ICLR 2024), ADM rows: uniform lambda at 100/50/20 steps, linear at 20.
 PAPER_LAMBDA = {
@@ -40,7 +39,7 @@ def test_there_is_a_config_for_every_released_layout(checkpoint_layouts):
     assert set(checkpoint_layouts) - covered == set()
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", ADM_CONFIGS)
 def test_config_builds_the_released_layout(name, checkpoint_layouts):
     config = su.load_config(name)
     model = build(config)
@@ -70,6 +69,21 @@ def test_config_lambdas_are_the_papers(name):
         assert parse_eps_scale(config["eps_scale"]["uniform"][steps]).b == pytest.approx(value, abs=1e-12)
     linear = parse_eps_scale(config["eps_scale"]["linear"][20])
     assert (linear.k, linear.b) == pytest.approx((k, b), abs=1e-12)
+
+
+# The ES paper's EDM table: lambda for Heun at 18, 11, 7 noise levels and Euler at 35, 21, 13 steps.
+EDM_LAMBDA = {
+    "edm_cifar10_32x32_uncond_vp": {"heun": {18: 1.0005, 11: 0.9985, 7: 1.0060}, "euler": {35: 1.0034, 21: 1.0043, 13: 1.0048}},
+    "edm_cifar10_32x32_cond_vp": {"heun": {18: 1.0006, 11: 0.9983, 7: 1.0070}, "euler": {35: 1.0035, 21: 1.0045, 13: 1.0051}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDM_LAMBDA))
+def test_edm_config_lambdas_are_the_papers(name):
+    config = su.load_config(name)
+    for solver, table in EDM_LAMBDA[name].items():
+        for steps, value in table.items():
+            assert parse_eps_scale(config["eps_scale"][solver][steps]).b == pytest.approx(value, abs=1e-12)
 
 
 def test_paper_lambda_is_used_unless_the_flag_is_given():

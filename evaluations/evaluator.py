@@ -1,0 +1,103 @@
+"""ADM's evaluator: Inception Score, FID, sFID, precision and recall of a sample batch.
+
+    python evaluations/evaluator.py REF.npz SAMPLE.npz [--backend tf|torch] [--json OUT.json]
+
+REF.npz is one of ADM's reference batches (arr_0 images; mu, sigma, mu_s, sigma_s statistics
+which are used when present) or one made by scripts/make_reference_batch.py; SAMPLE.npz holds
+arr_0 uint8 [N, H, W, 3]. Prints ADM's result lines, then a table; writes every number, the image
+counts and the files' sha256 to a JSON file (default: SAMPLE.eval.json beside the samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from evaluations.activations import BatchActivations, compute_activations
+from evaluations.cli import add_inception_arguments, open_inception
+from evaluations.feature_statistics import class_probabilities, inception_score
+from evaluations.inception import InceptionFeatures
+from evaluations.manifold import NEIGHBOURHOOD_SIZE, precision_recall
+from evaluations.npz_stream import NpzImages, read_stored_statistics
+from evaluations.report import format_table, write_json
+from guided_diffusion.file_util import sha256_file
+from guided_diffusion.script_util import cli_main
+
+
+def read_batch(path, model: InceptionFeatures, batch_size: int, desc: str) -> tuple[BatchActivations, dict]:
+    """Activations of a batch file's images; its stored statistics replace computed ones (as ADM)."""
+    with NpzImages(path) as images:
+        stored = read_stored_statistics(path)
+        activations = compute_activations(
+            images.batches(batch_size), model, len(images), with_statistics=stored is None, desc=desc
+        )
+        info = {
+            "path": str(path),
+            "sha256": sha256_file(path),
+            "num_images": len(images),
+            "image_size": list(images.shape[1:3]),
+            "statistics": "file" if stored else "computed",
+        }
+    if stored:
+        activations.pool_statistics, activations.spatial_statistics = stored
+    return activations, info
+
+
+def evaluate(reference_path, sample_path, model: InceptionFeatures, batch_size: int = 64, device="cpu") -> dict:
+    """Every metric of the sample batch against the reference batch, printed as ADM prints them."""
+    print("computing reference batch activations...")
+    reference, reference_info = read_batch(reference_path, model, batch_size, "reference")
+    print("computing sample batch activations...")
+    sample, sample_info = read_batch(sample_path, model, batch_size, "samples")
+    if reference_info["image_size"] != sample_info["image_size"]:
+        print(f"warning: reference images are {reference_info['image_size']}, samples {sample_info['image_size']}")
+    print("Computing evaluations...")
+    metrics = {"inception_score": inception_score(class_probabilities(sample.pool, model.softmax_weights))}
+    print("Inception Score:", metrics["inception_score"])
+    metrics["fid"] = sample.pool_statistics.frechet_distance(reference.pool_statistics)
+    print("FID:", metrics["fid"])
+    metrics["sfid"] = sample.spatial_statistics.frechet_distance(reference.spatial_statistics)
+    print("sFID:", metrics["sfid"])
+    metrics["precision"], metrics["recall"] = precision_recall(
+        torch.from_numpy(reference.pool).to(device), torch.from_numpy(sample.pool).to(device)
+    )
+    print("Precision:", metrics["precision"])
+    print("Recall:", metrics["recall"])
+    return {"metrics": metrics, "reference": reference_info, "sample": sample_info}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref_batch", help="reference batch .npz")
+    parser.add_argument("sample_batch", help="sample batch .npz")
+    parser.add_argument("--json", default="", help="where to write the results (default: SAMPLE.eval.json)")
+    add_inception_arguments(parser)
+    args = parser.parse_args(argv)
+    json_path = Path(args.json or Path(args.sample_batch).with_suffix(".eval.json"))
+    if not json_path.parent.is_dir():
+        raise FileNotFoundError(f"folder {json_path.parent} for the JSON results does not exist")
+    for path in (args.ref_batch, args.sample_batch):  # fail on a bad file before loading Inception
+        with NpzImages(path) as images:
+            if len(images) <= NEIGHBOURHOOD_SIZE:
+                raise ValueError(
+                    f"{path} holds {len(images)} images; precision and recall need more than {NEIGHBOURHOOD_SIZE}"
+                )
+        read_stored_statistics(path)
+    model, graph_record = open_inception(args)
+    try:
+        result = evaluate(args.ref_batch, args.sample_batch, model, args.batch_size, args.device)
+    finally:
+        model.close()
+    result["inception"] = graph_record
+    result["batch_size"] = args.batch_size
+    print()
+    print(format_table(result))
+    write_json(result, json_path)
+    print(f"wrote {json_path}")
+    return result
+
+
+if __name__ == "__main__":
+    cli_main(main)

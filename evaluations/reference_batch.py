@@ -1,0 +1,165 @@
+"""Reference batches of your own, in ADM's format: arr_0 images plus mu, sigma, mu_s, sigma_s.
+
+For datasets ADM published no batch for (CIFAR-10, FFHQ 128, LSUN tower 64). The source is a
+folder of images, a .zip of images, or an .npz batch. Each image is prepared as ADM prepares its
+training data (image_datasets.center_crop_arr: box-halve while >= 2x the size, one bicubic
+resize, central square), written to arr_0 a batch at a time, and its Inception features go into
+running statistics on the way, so memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from evaluations.activations import compute_activations
+from evaluations.inception import InceptionFeatures
+from evaluations.npz_stream import NpzImages, NpzWriter
+from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files_recursively
+
+
+class FolderImages:
+    """Every image under a folder, sorted by path (ADM's listing)."""
+
+    def __init__(self, path):
+        self.files = list_image_files_recursively(str(path))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def images(self, indices):
+        for index in indices:
+            yield _read_rgb(self.files[index], self.files[index])
+
+
+class ZipImages:
+    """Every image member of a .zip, sorted by name."""
+
+    def __init__(self, path):
+        self.path = path
+        with zipfile.ZipFile(path) as archive:
+            self.names = sorted(
+                name for name in archive.namelist() if name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
+            )
+        if not self.names:
+            raise ValueError(f"no .{', .'.join(IMAGE_EXTENSIONS)} images found in {path}")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def images(self, indices):
+        with zipfile.ZipFile(self.path) as archive:
+            for index in indices:
+                with archive.open(self.names[index]) as member:
+                    yield _read_rgb(member, f"{self.path}:{self.names[index]}")
+
+
+class NpzBatchImages:
+    """The arr_0 images of an .npz batch, read in file order."""
+
+    def __init__(self, path):
+        self.path = path
+        with NpzImages(path) as images:
+            self.count = len(images)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def images(self, indices):
+        wanted = iter(indices)
+        target = next(wanted, None)
+        position = 0
+        with NpzImages(self.path) as source:
+            for batch in source.batches(256):
+                for row in batch:
+                    if position == target:
+                        yield Image.fromarray(row)
+                        target = next(wanted, None)
+                    position += 1
+                if target is None:
+                    return
+
+
+def _read_rgb(file, name) -> Image.Image:
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image {name}: {exc}") from None
+
+
+def open_image_source(path):
+    """Images of a folder, a .zip or an .npz batch."""
+    path = Path(path)
+    if path.is_dir():
+        return FolderImages(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image source {path} does not exist")
+    if path.suffix.lower() == ".npz":
+        return NpzBatchImages(path)
+    if path.suffix.lower() == ".zip":
+        return ZipImages(path)
+    raise ValueError(f"image source {path} must be a folder of images, a .zip of images or an .npz batch")
+
+
+def choose_indices(total: int, num_images: int, seed: int) -> np.ndarray:
+    """All images (num_images 0), or a seeded random subset of num_images, in source order."""
+    if num_images == 0 or num_images == total:
+        return np.arange(total)
+    if not 0 < num_images <= total:
+        raise ValueError(f"cannot take {num_images} images from a source of {total}")
+    return np.sort(np.random.default_rng(seed).choice(total, size=num_images, replace=False))
+
+
+@dataclass
+class ReferencePlan:
+    """What a reference batch will hold, checked before any Inception work starts."""
+
+    images: FolderImages | ZipImages | NpzBatchImages
+    indices: np.ndarray  # which source images, in source order
+    output: Path
+    image_size: int
+
+
+def plan_reference_batch(source, output, image_size: int, num_images: int = 0, seed: int = 0) -> ReferencePlan:
+    output = Path(output)
+    if output.suffix != ".npz":
+        raise ValueError(f"the reference batch must be an .npz file, got {output}")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output folder {output.parent} does not exist")
+    if image_size < 1:
+        raise ValueError(f"image size must be positive, got {image_size}")
+    images = open_image_source(source)
+    indices = choose_indices(len(images), num_images, seed)
+    if len(indices) < 2:
+        raise ValueError(f"a reference batch needs at least 2 images, the source has {len(indices)}")
+    return ReferencePlan(images, indices, output, image_size)
+
+
+def write_reference_batch(plan: ReferencePlan, model: InceptionFeatures, batch_size: int = 64) -> dict:
+    """Write the planned .npz: arr_0 uint8 [N, size, size, 3] and the FID statistics of its images."""
+    prepared = (center_crop_arr(image, plan.image_size) for image in plan.images.images(plan.indices))
+    shape = (len(plan.indices), plan.image_size, plan.image_size, 3)
+    with NpzWriter(plan.output) as writer:
+        written = writer.add_streamed("arr_0", shape, np.uint8, _batched(prepared, batch_size))
+        activations = compute_activations(written, model, len(plan.indices), keep_pool=False, desc="reference")
+        writer.add("mu", activations.pool_statistics.mu)
+        writer.add("sigma", activations.pool_statistics.sigma)
+        writer.add("mu_s", activations.spatial_statistics.mu)
+        writer.add("sigma_s", activations.spatial_statistics.sigma)
+    return {"path": str(plan.output), "num_images": len(plan.indices), "image_size": plan.image_size}
+
+
+def _batched(arrays, batch_size: int):
+    batch = []
+    for array in arrays:
+        batch.append(array)
+        if len(batch) == batch_size:
+            yield np.stack(batch)
+            batch = []
+    if batch:
+        yield np.stack(batch)
