@@ -30,7 +30,7 @@ from .eps_scaling import EpsScale
 from .file_util import atomic_write_bytes, atomic_write_text
 from .lambda_search import EvaluationCache, LambdaSearch, calibrate_eps_scale, frechet_score
 from .sample_io import quantize
-from .sampling import batch_sampler, classifier_cond_fn
+from .sampling import batch_sampler
 from .script_util import (
     CONFIG_DIR,
     classifier_defaults,
@@ -68,6 +68,7 @@ class DigitsBench:
     def __init__(self, num_samples: int, batch_size: int):
         self.num_samples = num_samples
         self.batch_size = batch_size
+        self.network_batch = min(num_samples, 400)  # fixed per run: no pixel depends on batch_size
         self.features_net = load_digit_features()
         images, self.labels = digits_arrays(8)
         self.reference = quantize(images)
@@ -80,14 +81,11 @@ class DigitsBench:
         diffusion = respaced(model_name, steps)
         network = self.models[model_name]
         class_cond = model_name == "digits_cond"
-        cond_fn, model = None, network
-        if guidance:
-            cond_fn = classifier_cond_fn(self.classifier, guidance)
-            model = _without_labels(network)
-
-        args = argparse.Namespace(seed=seed, use_ddim=False, clip_denoised=True)
+        model = _without_labels(network) if guidance else network
+        args = argparse.Namespace(seed=seed, use_ddim=False, clip_denoised=True, network_batch_size=self.network_batch)
         sample_batch = batch_sampler(model, diffusion, args, schedule, (3, 8, 8),
-                                     num_classes=10 if (class_cond or guidance) else None, cond_fn=cond_fn)
+                                     num_classes=10 if (class_cond or guidance) else None,
+                                     classifier=self.classifier if guidance else None, classifier_scale=guidance)
         images, labels = [], []
         for start in range(0, self.num_samples, self.batch_size):
             out, y = sample_batch(list(range(start, min(start + self.batch_size, self.num_samples))))
@@ -119,6 +117,12 @@ def _cell(values) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
+def _paired_gain(base, es, lower_is_better=True) -> str:
+    """Per-seed improvement of ES over the baseline (same noise), mean ± std over seeds."""
+    gains = np.asarray(base, dtype=np.float64) - np.asarray(es, dtype=np.float64)
+    return _cell(gains if lower_is_better else -gains)
+
+
 def _verdict(base, es, lower_is_better=True) -> str:
     """A gain is claimed only when it exceeds the seed-to-seed spread of both arms."""
     (mb, sb), (me, se) = _mean_std(base), _mean_std(es)
@@ -128,22 +132,31 @@ def _verdict(base, es, lower_is_better=True) -> str:
     return "ES better" if gain > 0 else "ES worse"
 
 
-def write_grid(baseline: np.ndarray, scaled: np.ndarray, path: Path, columns: int = 16, scale: int = 6) -> None:
-    """Two rows of samples per block, baseline above ES (same noise per column), as a PNG."""
-    from PIL import Image
-
-    n = min(len(baseline), len(scaled), columns * 2)
-    rows = []
-    for start in range(0, n, columns):
-        rows.append(np.concatenate(list(baseline[start:start + columns]), axis=1))
-        rows.append(np.concatenate(list(scaled[start:start + columns]), axis=1))
-        rows.append(np.full_like(rows[-1][:2], 255))
-    canvas = np.concatenate(rows[:-1], axis=0)
-    image = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+def write_grid(baseline: np.ndarray, scaled: np.ndarray, path: Path, title: str, es_label: str,
+               columns: int = 8) -> None:
+    """Baseline and ES samples side by side (image i of both panels starts from the same noise)."""
     import io
 
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def mosaic(images):
+        n = len(images) // columns * columns
+        rows = [np.concatenate(list(images[r:r + columns]), axis=1) for r in range(0, n, columns)]
+        return np.concatenate(rows, axis=0)
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
+    for ax, images, label in ((axes[0], baseline, "baseline (λ = 1)"), (axes[1], scaled, es_label)):
+        ax.imshow(mosaic(images), interpolation="nearest")
+        ax.set_title(label)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -202,7 +215,8 @@ def run_demo(output_dir="results/digits", num_samples=400, batch_size=400, seeds
 
     first = min(steps)
     write_grid(bench.sample("digits_uncond", first, EpsScale(), seeds[0])[0][:32],
-               bench.sample("digits_uncond", first, chosen, seeds[0])[0][:32], out / "samples_grid.png")
+               bench.sample("digits_uncond", first, chosen, seeds[0])[0][:32], out / "samples_grid.png",
+               f"digits_uncond, {first} steps, same noise per position", f"ES (λ = {chosen})")
 
     diffusion = respaced("digits_uncond", search_steps)
     runs = [eb.measure_exposure_bias(diffusion, bench.models["digits_uncond"], data, eps_scale=s, seed=SEARCH_SEED,
@@ -235,12 +249,13 @@ def results_markdown(result: dict, search_steps: int) -> str:
         f"lambda = {result['chosen_eps_scale']} was chosen by a search at {search_steps} steps on seed {SEARCH_SEED} "
         f"(not an evaluation seed). A gain counts only when larger than the seed-to-seed spread.",
         "",
-        "| model | steps | metric | baseline (λ = 1) | ES | verdict |",
-        "|---|---|---|---|---|---|",
+        "| model | steps | metric | baseline (λ = 1) | ES | gain, paired by seed | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
+        lower = row["metric"] != "label accuracy"
         lines.append(f"| {row['model']} | {row['steps']} | {row['metric']} | {_cell(row['baseline'])} | "
-                     f"{_cell(row['es'])} | {row['verdict']} |")
+                     f"{_cell(row['es'])} | {_paired_gain(row['baseline'], row['es'], lower)} | {row['verdict']} |")
     cal = result["calibration"]
     lines += [
         "",

@@ -334,3 +334,69 @@ def run_sampling(run: SampleRun, sample_batch, sidecar: dict, progress: bool = T
     path = run.finish(record)
     dist_util.barrier()
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch invariance of the network itself
+
+
+DEFAULT_NETWORK_BATCH = 16
+
+
+class AlignedNetwork:
+    """Evaluate ``model`` on chunks of a fixed size, image i always in slot i % chunk of chunk i // chunk.
+
+    CPU and GPU kernels may pick another algorithm (and so another rounding) for another batch
+    size, so an image's pixels could depend on --batch_size or the rank count. Here every network
+    call has the same shape and every image the same slot whatever batch it came in; slots of
+    images not in the batch are zeros (labels: the first real label), and they do not touch the
+    real rows, which are computed independently of each other. Use it for every network a sampler
+    calls (the classifier of guidance too); ``chunk`` is part of what determines the pixels.
+    """
+
+    def __init__(self, model, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_BATCH):
+        if chunk < 1:
+            raise ValueError(f"--network_batch_size must be at least 1, got {chunk}")
+        self.model = model
+        self.chunk = int(chunk)
+        groups: dict[int, tuple[list[int], list[int]]] = {}
+        for row, index in enumerate(indices):
+            slots, rows = groups.setdefault(int(index) // self.chunk, ([], []))
+            slots.append(int(index) % self.chunk)
+            rows.append(row)
+        self.groups = list(groups.values())
+        self.batch = len(indices)
+
+    def _pad(self, value, slots, rows):
+        """Rows of a per-image tensor placed in their slots; images (floats) padded with zeros,
+        timesteps and labels (integers) with the first real row's."""
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != self.batch:
+            return value
+        if value.is_floating_point():
+            padded = value.new_zeros((self.chunk, *value.shape[1:]))
+        else:
+            padded = value[rows[0]].expand(self.chunk, *value.shape[1:]).clone()
+        padded[slots] = value[rows]
+        return padded
+
+    def __call__(self, x, t, **kwargs):
+        if x.shape[0] != self.batch:
+            raise ValueError(f"network input has {x.shape[0]} images but the batch holds {self.batch}")
+        outputs = [None] * self.batch
+        for slots, rows in self.groups:
+            if slots == list(range(self.chunk)) and rows == list(range(rows[0], rows[0] + self.chunk)):
+                part = slice(rows[0], rows[0] + self.chunk)  # a whole aligned chunk: no copy
+                out = self.model(x[part], t[part], **{k: _rows(v, part, self.batch) for k, v in kwargs.items()})
+            else:
+                padded = {k: self._pad(v, slots, rows) for k, v in kwargs.items()}
+                out = self.model(self._pad(x, slots, rows), self._pad(t, slots, rows), **padded)
+                out = out[slots]
+            for j, row in enumerate(rows):
+                outputs[row] = out[j]
+        return torch.stack(outputs)
+
+
+def _rows(value, part: slice, batch: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[part]
+    return value

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import dist_util, logger
 from .checkpoints import load_model_weights
-from .sample_io import ImageNoise, SampleRun, image_labels, run_sampling
+from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise, SampleRun, image_labels, run_sampling
 from .script_util import UsageError, args_to_dict, sampling_eps_scale
 
 
@@ -76,21 +76,27 @@ def classifier_cond_fn(classifier, scale: float):
     return cond_fn
 
 
-def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cond_fn=None,
-                  extra_kwargs=None):
+def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, classifier=None,
+                  classifier_scale=1.0, extra_kwargs=None):
     """``sample_batch(indices)`` for run_sampling: noise, per-step noise and labels per image.
 
     Labels are drawn per image when ``num_classes`` is given, or come from ``extra_kwargs``'s "y".
+    The networks run in fixed, index-aligned chunks of ``args.network_batch_size`` images
+    (sample_io.AlignedNetwork), so no pixel depends on the batch size or the number of ranks.
     """
     device = dist_util.dev()
     loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    chunk = getattr(args, "network_batch_size", DEFAULT_NETWORK_BATCH)
 
     def sample_batch(indices):
         model_kwargs = dict(extra_kwargs(indices) if extra_kwargs else {})
         if num_classes:
             model_kwargs["y"] = image_labels(args.seed, indices, num_classes, device=device)
+        cond_fn = None
+        if classifier is not None:
+            cond_fn = classifier_cond_fn(AlignedNetwork(classifier, indices, chunk), classifier_scale)
         images = loop(
-            model,
+            AlignedNetwork(model, indices, chunk),
             (len(indices), *shape),
             clip_denoised=args.clip_denoised,
             model_kwargs=model_kwargs,

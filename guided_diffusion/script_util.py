@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import gaussian_diffusion as gd
 from .errors import UsageError
+from .sample_io import DEFAULT_NETWORK_BATCH
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -592,6 +593,7 @@ def sampling_defaults():
         config="",
         keep_shards=False,
         progress=True,
+        network_batch_size=DEFAULT_NETWORK_BATCH,  # images per network call; fixed so no pixel depends on --batch_size
     )
 
 

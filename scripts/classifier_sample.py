@@ -55,7 +55,7 @@ def main():
 
     sample_batch = sampling.batch_sampler(
         model_fn, diffusion, args, schedule, (3, args.image_size, args.image_size),
-        num_classes=args.num_classes, cond_fn=sampling.classifier_cond_fn(classifier, args.classifier_scale),
+        num_classes=args.num_classes, classifier=classifier, classifier_scale=args.classifier_scale,
     )
     settings = sampling.run_settings(args, model_sha256=model_sha, classifier_sha256=classifier_sha,
                                      eps_scale=str(schedule))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from guided_diffusion import sample_io
-from guided_diffusion.sample_io import ImageNoise, SampleRun, image_labels, quantize, run_sampling
+from guided_diffusion.sample_io import AlignedNetwork, ImageNoise, SampleRun, image_labels, quantize, run_sampling
 
 
 def test_image_noise_rows_do_not_depend_on_batch_composition():
@@ -148,3 +148,39 @@ def test_unwritable_output_folder_is_one_clear_error(tmp_path):
     run = SampleRun(blocker / "out", {}, 2, 2, (4, 4, 3), False)
     with pytest.raises(PermissionError, match="cannot write to output folder"):
         run.prepare()
+
+
+def test_aligned_network_places_images_in_fixed_slots():
+    calls = []
+
+    def model(x, t, y=None):
+        calls.append((x.shape[0], x[:, 0].tolist()))
+        return x * t.view(-1, 1).float() + y.view(-1, 1).float()
+
+    x = torch.arange(10.0).view(5, 2)
+    out = AlignedNetwork(model, [6, 7, 8, 9, 10], 4)(x, torch.arange(5), y=torch.arange(5))
+    assert torch.equal(out, x * torch.arange(5.0).view(-1, 1) + torch.arange(5.0).view(-1, 1))
+    # image 6 and 7 sit in slots 2, 3 of chunk 1; images 8-10 in slots 0-2 of chunk 2; zeros elsewhere
+    assert calls == [(4, [0.0, 0.0, 0.0, 2.0]), (4, [4.0, 6.0, 8.0, 0.0])]
+
+
+def test_aligned_network_makes_outputs_independent_of_the_batch_split():
+    from guided_diffusion.digits_demo import load_shipped
+
+    model, _ = load_shipped("digits_uncond")
+    x = ImageNoise(0, range(16)).randn((16, 3, 8, 8))
+    t = torch.full((16,), 500)
+    with torch.no_grad():
+        whole = AlignedNetwork(model, range(16), 16)(x, t)
+        split = torch.cat([AlignedNetwork(model, range(0, 7), 16)(x[:7], t[:7]),
+                           AlignedNetwork(model, range(7, 16), 16)(x[7:], t[7:])])
+        plain = model(x, t)
+    assert torch.equal(whole, split)
+    assert torch.allclose(whole, plain, atol=1e-5)
+
+
+def test_aligned_network_refuses_a_wrong_batch():
+    with pytest.raises(ValueError, match="network_batch_size"):
+        AlignedNetwork(lambda x, t: x, [0], 0)
+    with pytest.raises(ValueError, match="3 images but the batch holds 2"):
+        AlignedNetwork(lambda x, t: x, [0, 1], 4)(torch.zeros(3, 1), torch.zeros(3))

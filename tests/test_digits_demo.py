@@ -1,0 +1,68 @@
+"""The shipped default: the digits models load and sample, and the demo's whole path runs (reduced)."""
+
+import json
+
+import numpy as np
+import torch
+
+from guided_diffusion.digit_features import digit_features, load_digit_features
+from guided_diffusion.digits import digits_arrays
+from guided_diffusion.digits_demo import DigitsBench, _paired_gain, _verdict, load_shipped, run_demo
+from guided_diffusion.digits_training import shipped_sizes
+from guided_diffusion.eps_scaling import EpsScale
+from guided_diffusion.sample_io import quantize
+
+
+def test_shipped_weights_are_small_enough_to_ship():
+    sizes = shipped_sizes()
+    assert len(sizes) == 4 and sum(sizes.values()) <= 10 * 1024 * 1024
+
+
+def test_feature_network_reads_real_digits():
+    net = load_digit_features()
+    images, labels = digits_arrays(8)
+    with torch.no_grad():
+        predicted = net(images[:, :1]).argmax(1)
+    assert (predicted == labels).float().mean() > 0.95  # sklearn's labels, not ours
+    features = digit_features(net, quantize(images[:50]))
+    assert features.shape == (50, 64) and np.linalg.matrix_rank(np.cov(features, rowvar=False)) > 40
+
+
+def test_shipped_models_load_and_sample_digits():
+    bench = DigitsBench(num_samples=64, batch_size=64)
+    images, labels = bench.sample("digits_cond", 10, EpsScale(), seed=0)
+    assert images.shape == (64, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (64,)
+    # a trained model draws digits: the independent digit classifier reads most as their label
+    assert bench.accuracy(images, labels) > 0.6
+    noise = quantize(torch.rand(64, 3, 8, 8) * 2 - 1)
+    assert bench.fd(images) < 0.5 * bench.fd(noise)
+
+
+def test_classifier_is_noise_aware():
+    classifier, _ = load_shipped("digits_classifier")
+    images, labels = digits_arrays(8)
+    with torch.no_grad():
+        logits = classifier(images[:200], torch.full((200,), 10))
+    assert (logits.argmax(1) == labels[:200]).float().mean() > 0.8
+
+
+def test_verdict_needs_a_gain_larger_than_the_spread():
+    assert _verdict([10.0, 11.0, 12.0], [5.0, 6.0, 7.0]) == "ES better"
+    assert _verdict([10.0, 11.0, 12.0], [10.5, 9.0, 12.5]) == "within noise"
+    assert _verdict([0.90, 0.91], [0.95, 0.96], lower_is_better=False) == "ES better"
+    assert _paired_gain([10.0, 12.0], [9.0, 10.0]) == "1.500 ± 0.707"
+
+
+def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path):
+    result = run_demo(tmp_path, num_samples=16, batch_size=16, seeds=(0, 1), steps=(3,), search_steps=3,
+                      progress=False, log=lambda *a: None)
+    for name in ("results.md", "results.json", "samples_grid.png", "exposure_bias.png", "exposure_bias.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["chosen_eps_scale"] == result["chosen_eps_scale"]
+    assert {row["model"] for row in stored["rows"]} >= {"digits_uncond", "digits_cond"}
+    assert "| digits_uncond | 3 | digits FD |" in (tmp_path / "results.md").read_text()
+    # every image is a function of (seed, index): a rerun (reusing the cached search) repeats every number
+    again = run_demo(tmp_path, num_samples=16, batch_size=8, seeds=(0, 1), steps=(3,), search_steps=3,
+                     progress=False, log=lambda *a: None)
+    assert again["rows"] == result["rows"] and again["chosen_eps_scale"] == result["chosen_eps_scale"]
