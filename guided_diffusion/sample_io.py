@@ -349,8 +349,8 @@ class AlignedNetwork:
     CPU and GPU kernels may pick another algorithm (and so another rounding) for another batch
     size, so an image's pixels could depend on --batch_size or the rank count. Here every network
     call has the same shape and every image the same slot whatever batch it came in; slots of
-    images not in the batch are zeros (labels: the first real label), and they do not touch the
-    real rows, which are computed independently of each other. Use it for every network a sampler
+    images not in the batch repeat a real image, and they do not touch the real rows, which are
+    computed independently of each other. Use it for every network a sampler
     calls (the classifier of guidance too); ``chunk`` is part of what determines the pixels.
     """
 
@@ -368,14 +368,10 @@ class AlignedNetwork:
         self.batch = len(indices)
 
     def _pad(self, value, slots, rows):
-        """Rows of a per-image tensor placed in their slots; images (floats) padded with zeros,
-        timesteps and labels (integers) with the first real row's."""
+        """Rows of a per-image tensor placed in their slots; free slots repeat the first real row."""
         if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != self.batch:
             return value
-        if value.is_floating_point():
-            padded = value.new_zeros((self.chunk, *value.shape[1:]))
-        else:
-            padded = value[rows[0]].expand(self.chunk, *value.shape[1:]).clone()
+        padded = value[rows[0]].expand(self.chunk, *value.shape[1:]).clone()
         padded[slots] = value[rows]
         return padded
 

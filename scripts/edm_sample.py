@@ -23,7 +23,7 @@ from guided_diffusion.karras import (
     network_evaluations,
     sampling_sigmas,
 )
-from guided_diffusion.sample_io import STREAM_EXTRA, ImageNoise, image_labels
+from guided_diffusion.sample_io import STREAM_EXTRA, AlignedNetwork, ImageNoise, image_labels
 from guided_diffusion.script_util import (
     UsageError,
     add_dict_to_argparser,
@@ -99,8 +99,11 @@ def main():
 
     def sample_batch(indices):
         labels = image_labels(args.seed, indices, num_classes, device=device) if num_classes else None
+        aligned = AlignedNetwork(lambda x, sigma, labels=None: denoiser(x, sigma, labels), indices,
+                                 args.network_batch_size)
         images = karras_sample(
-            denoiser, (len(indices), *shape), class_labels=labels, device=device,
+            lambda x, sigma, labels: aligned(x, sigma, labels=labels), (len(indices), *shape),
+            class_labels=labels, device=device,
             generator=ImageNoise(args.seed, indices), churn_generator=ImageNoise(args.seed, indices, STREAM_EXTRA),
             **sampler_kwargs,
         )

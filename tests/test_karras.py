@@ -349,9 +349,8 @@ def test_edm_sample_script_on_an_adm_checkpoint(adm_checkpoint, tmp_path):
     npz_a, npz_b = np.load(tmp_path / "a" / "samples_3x8x8x3.npz"), np.load(tmp_path / "b" / "samples_3x8x8x3.npz")
     assert npz_a["arr_0"].dtype == np.uint8 and npz_a["arr_0"].shape == (3, 8, 8, 3)
     assert np.array_equal(npz_a["arr_1"], npz_b["arr_1"])
-    # same images whatever the batch, up to float32 rounding of batched convolutions
-    diff = np.abs(npz_a["arr_0"].astype(int) - npz_b["arr_0"].astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.02
+    # the same bytes whatever the batch: the network runs in fixed, index-aligned chunks
+    assert (tmp_path / "a" / "samples_3x8x8x3.npz").read_bytes() == (tmp_path / "b" / "samples_3x8x8x3.npz").read_bytes()
     assert len(np.unique(npz_a["arr_0"])) > 20  # not saturated: the comparison means something
     sidecar = json.loads((tmp_path / "a" / "samples_3x8x8x3.json").read_text())
     assert sidecar["eps_scale"] == "1.004" and sidecar["eps_scale_values"] == [1.004] * 3
