@@ -144,7 +144,8 @@ def write_grid(baseline: np.ndarray, scaled: np.ndarray, path: Path, title: str,
 
     def mosaic(images):
         n = len(images) // columns * columns
-        rows = [np.concatenate(list(images[r:r + columns]), axis=1) for r in range(0, n, columns)]
+        framed = np.pad(images[:n], ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=128)  # grey gaps
+        rows = [np.concatenate(list(framed[r:r + columns]), axis=1) for r in range(0, n, columns)]
         return np.concatenate(rows, axis=0)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
