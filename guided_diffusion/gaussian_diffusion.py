@@ -594,16 +594,18 @@ class GaussianDiffusion:
         decoder_nll = mean_flat(decoder_nll) / np.log(2.0)
         return {"output": th.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
 
-    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, input_noise=None):
         """Per-sample training losses at timesteps t.
 
+        :param input_noise: if given, x_t is made with it instead of ``noise`` while the epsilon
+            target stays ``noise`` (DDPM-IP's input perturbation: noise + gamma * extra noise).
         :return: dict with 'loss' and, depending on the loss type, 'mse' and 'vb'.
         """
         if model_kwargs is None:
             model_kwargs = {}
         if noise is None:
             noise = th.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise=noise)
+        x_t = self.q_sample(x_start, t, noise=noise if input_noise is None else input_noise)
 
         terms = {}
         if self.loss_type.is_vb():

@@ -98,21 +98,15 @@ def seed_step(seed: int, rank: int, step: int) -> None:
 def input_perturbed_losses(diffusion, model, x_start, t, gamma, model_kwargs=None, noise=None, perturbation=None):
     """Training losses with DDPM-IP's input perturbation (Ning et al., ICML 2023).
 
-    The network sees x_t made with noise + gamma * perturbation; the target stays ``noise``. As
-    q_sample is linear in the noise, this is the ordinary loss with the network's input shifted by
-    sqrt(1 - alpha_bar_t) * gamma * perturbation. (With a learned variance, the VLB term compares
-    the prediction with the posterior at the unperturbed x_t.)
+    x_t is made with noise + gamma * perturbation (the network input, and the posterior of the
+    VLB term when the variance is learned, as in DDPM-IP); the epsilon target stays ``noise``.
     """
     if noise is None:
         noise = torch.randn_like(x_start)
     if perturbation is None:
         perturbation = torch.randn_like(x_start)
-    shift = diffusion.q_sample(torch.zeros_like(x_start), t, noise=gamma * perturbation)
-
-    def perturbed_model(x, ts, **kwargs):
-        return model(x + shift, ts, **kwargs)
-
-    return diffusion.training_losses(perturbed_model, x_start, t, model_kwargs=model_kwargs, noise=noise)
+    return diffusion.training_losses(model, x_start, t, model_kwargs=model_kwargs, noise=noise,
+                                     input_noise=noise + gamma * perturbation)
 
 
 def log_loss_dict(diffusion, ts, losses):
