@@ -17,6 +17,10 @@ from .errors import UsageError
 
 _WRAPPER_KEYS = ("state_dict", "model", "ema")
 
+# Flags that a UNet checkpoint's shapes determine (see infer_unet_flags).
+SHAPE_FLAGS = ("num_channels", "num_res_blocks", "channel_mult", "attention_resolutions", "learn_sigma",
+               "class_cond", "num_classes", "use_scale_shift_norm", "resblock_updown")
+
 
 def _describe_wrong_file(path: Path, obj) -> str | None:
     """Name what a loaded object is when it is not a model state_dict, and what to pass instead."""

@@ -101,7 +101,7 @@ def quantize(images: torch.Tensor) -> np.ndarray:
 
 # Settings that change how a run is split up but not a single pixel of any image.
 NON_IMAGE_SETTINGS = frozenset(
-    {"batch_size", "num_samples", "output_dir", "log_dir", "world_size", "progress", "keep_shards"}
+    {"batch_size", "num_samples", "output_dir", "log_dir", "world_size", "progress", "keep_shards", "infer_flags"}
 )
 
 _SHARD_RE = re.compile(r"^shard-(\d{8,})-(\d{8,})\.npz$")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dist_util, logger
-from .checkpoints import load_model_weights
+from .checkpoints import SHAPE_FLAGS, infer_unet_flags, load_model_weights, load_state_dict
 from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise, SampleRun, image_labels, run_sampling
 from .script_util import UsageError, args_to_dict, sampling_eps_scale
 
@@ -44,6 +44,8 @@ def load_network(factory, args, keys, path: str, what: str, image_size: int):
         raise UsageError(f"--{what}_path is required: the checkpoint file to sample from")
     if not Path(path).exists():
         raise FileNotFoundError(f"{what} checkpoint {path} does not exist; check --{what}_path")
+    if what == "model" and getattr(args, "infer_flags", False):
+        adopt_checkpoint_flags(args, path, image_size)
     built = factory(**args_to_dict(args, keys))
     net, extra = built if isinstance(built, tuple) else (built, None)
     sha = load_model_weights(net, path, image_size)
@@ -55,6 +57,21 @@ def load_network(factory, args, keys, path: str, what: str, image_size: int):
             logger.log(f"{what}: use_fp16 ignored on CPU (float16 convolutions there are slow); running float32")
     net.eval()
     return net, extra, sha
+
+
+def adopt_checkpoint_flags(args, path, image_size: int) -> None:
+    """Set the flags that the checkpoint's tensor shapes determine (--infer_flags True).
+
+    Head settings, dropout, the noise schedule and timestep rescaling leave no trace in the
+    shapes; they still come from the flags or the config.
+    """
+    inferred = infer_unet_flags(load_state_dict(path), image_size)
+    changed = []
+    for key in SHAPE_FLAGS:
+        if key in inferred and hasattr(args, key) and getattr(args, key) != inferred[key]:
+            setattr(args, key, inferred[key])
+            changed.append(f"--{key} {inferred[key]}")
+    logger.log("flags from the checkpoint's shapes: " + (", ".join(changed) or "all already agree"))
 
 
 def eps_schedule(args, config, diffusion):

@@ -593,6 +593,7 @@ def sampling_defaults():
         config="",
         keep_shards=False,
         progress=True,
+        infer_flags=False,  # take the shape-determined model flags from the checkpoint
         network_batch_size=DEFAULT_NETWORK_BATCH,  # images per network call; fixed so no pixel depends on --batch_size
     )
 

@@ -175,3 +175,12 @@ def test_upsampler_errors(tmp_path, tiny_models):
     np.savez(wrong, arr_0=np.zeros((2, 8, 8, 3), dtype=np.uint8))
     msg = _error(tmp_path, *sr, f"--base_samples={wrong}", script="super_res_sample.py")
     assert "16x16x3" in msg
+
+
+def test_infer_flags_takes_the_shape_flags_from_the_checkpoint(tmp_path, tiny_models):
+    reference = sample(tmp_path, tiny_models, "right", num=3)
+    wrong = [f for f in TINY_FLAGS if not f.startswith(("--num_channels", "--channel_mult", "--learn_sigma"))]
+    run_script("image_sample.py", *wrong, "--num_channels=64", "--channel_mult=1,1,1", "--learn_sigma=False",
+               "--infer_flags=True", f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=3",
+               "--batch_size=4", f"--output_dir={tmp_path / 'inferred'}", "--progress=False")
+    assert (tmp_path / "inferred" / "samples_3x8x8x3.npz").read_bytes() == reference.read_bytes()
