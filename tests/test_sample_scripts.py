@@ -103,6 +103,14 @@ def test_two_ranks_give_the_same_npz_as_one(tmp_path, tiny_models):
     assert json.loads(two.with_suffix(".json").read_text())["world_size"] == 2
 
 
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_torchrun_ranks_give_the_same_npz_as_one(tmp_path, tiny_models):
+    one = sample(tmp_path, tiny_models, "t1", num=5, batch=2)
+    two = sample(tmp_path, tiny_models, "t2", num=5, batch=2,
+                 launcher=("torchrun", "--standalone", "--nproc_per_node", "2", "--no-python"))
+    assert one.read_bytes() == two.read_bytes()
+
+
 def test_kill_9_then_resume_gives_identical_npz(tmp_path, tiny_models):
     reference = sample(tmp_path, tiny_models, "whole", num=12, batch=2)
     out = tmp_path / "killed"
