@@ -6,6 +6,8 @@
 
 import argparse
 
+import torch
+
 from guided_diffusion.digits_demo import run_demo
 from guided_diffusion.script_util import cli_main
 
@@ -19,7 +21,10 @@ def main():
     parser.add_argument("--steps", default="10,20,50", help="sampling step counts to score")
     parser.add_argument("--search_steps", type=int, default=20, help="step count at which lambda is searched")
     parser.add_argument("--guidance_scale", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; the tiny networks gain little from more, and lose much when cores are busy")
     args = parser.parse_args()
+    torch.set_num_threads(max(1, args.threads))
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
         steps = tuple(int(s) for s in args.steps.split(","))
