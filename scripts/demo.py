@@ -1,7 +1,7 @@
 """The main job: Epsilon Scaling on the shipped digits models, end to end on a CPU in minutes.
 
     python scripts/demo.py                        # writes results/digits/{results.md,*.png,...}
-    python scripts/demo.py --num_samples 100 --seeds 0,1 --steps 10   # a quick look
+    python scripts/demo.py --num_samples 100 --seeds 0,1 --steps 10 --cond_steps 10   # a quick look
 """
 
 import argparse
@@ -18,7 +18,8 @@ def main():
     parser.add_argument("--num_samples", type=int, default=400, help="samples per (model, steps, lambda, seed)")
     parser.add_argument("--batch_size", type=int, default=400)
     parser.add_argument("--seeds", default="0,1,2", help="evaluation seeds (lambda is chosen on another)")
-    parser.add_argument("--steps", default="10,20,50", help="sampling step counts to score")
+    parser.add_argument("--steps", default="10,20,50", help="step counts scored for the unconditional model")
+    parser.add_argument("--cond_steps", default="10,20", help="step counts scored for the class-conditional model")
     parser.add_argument("--search_steps", type=int, default=20, help="step count at which lambda is searched")
     parser.add_argument("--guidance_scale", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=1,
@@ -28,12 +29,13 @@ def main():
     try:
         seeds = tuple(int(s) for s in args.seeds.split(","))
         steps = tuple(int(s) for s in args.steps.split(","))
+        cond_steps = tuple(int(s) for s in args.cond_steps.split(","))
     except ValueError:
         raise ValueError("--seeds and --steps take comma-separated whole numbers, e.g. 0,1,2") from None
     if args.num_samples < 2 or args.batch_size < 1:
         raise ValueError("--num_samples must be at least 2 and --batch_size at least 1")
     run_demo(args.output_dir, args.num_samples, args.batch_size, seeds, steps, args.search_steps,
-             args.guidance_scale)
+             args.guidance_scale, cond_steps=cond_steps)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_verdict_needs_a_gain_larger_than_the_spread():
 
 def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path):
     result = run_demo(tmp_path, num_samples=16, batch_size=16, seeds=(0, 1), steps=(3,), search_steps=3,
-                      progress=False, log=lambda *a: None)
+                      progress=False, log=lambda *a: None, cond_steps=(3,))
     for name in ("results.md", "results.json", "samples_grid.png", "exposure_bias.png", "exposure_bias.csv"):
         assert (tmp_path / name).stat().st_size > 0
     stored = json.loads((tmp_path / "results.json").read_text())
@@ -64,5 +64,5 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path):
     assert "| digits_uncond | 3 | digits FD |" in (tmp_path / "results.md").read_text()
     # every image is a function of (seed, index): a rerun (reusing the cached search) repeats every number
     again = run_demo(tmp_path, num_samples=16, batch_size=8, seeds=(0, 1), steps=(3,), search_steps=3,
-                     progress=False, log=lambda *a: None)
+                     progress=False, log=lambda *a: None, cond_steps=(3,))
     assert again["rows"] == result["rows"] and again["chosen_eps_scale"] == result["chosen_eps_scale"]
