@@ -1,0 +1,244 @@
+"""Speed-up switches (guided_diffusion/speed.py) against ADM's and ADM-ES's reference vectors, and
+the measuring code of benchmarks/bench_sampling.py against independent counts.
+
+torch.compile is checked in the benchmark only: compiling even the tiny reference UNet took
+4.7 minutes on the 2-core CI machine. CUDA graphs and float16 need a GPU: their test here skips
+without one, and benchmarks/gpu_check.sh checks them on the real configurations.
+"""
+
+import copy
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from guided_diffusion.speed import AUTOCAST_REL_TOL, FLOAT32_ATOL, optimize_for_sampling, parse_autocast_dtype
+from test_diffusion import assert_loop_close, golden_diffusion, golden_network
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FLOAT32_SWITCHES = [
+    dict(fused_attention=False, inference_mode=False),  # plain eager float32
+    dict(),  # the defaults: fused attention, inference mode
+    dict(channels_last=True),
+    dict(channels_last=True, fused_attention=False, inference_mode=False),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def bench():
+    """benchmarks/bench_sampling.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location("bench_sampling", ROOT / "benchmarks" / "bench_sampling.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_network(adm_golden, name):
+    """A private copy of a reference network (switches may convert it in place), its case, its kwargs."""
+    case = adm_golden["unets"][name]
+    kwargs = {"y": case["y"]} if case.get("y") is not None else {}
+    return copy.deepcopy(golden_network(name)), case, kwargs
+
+
+class OperatorLog(TorchDispatchMode):
+    """Names of the aten operators that run (after composite operators have decomposed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("switches", FLOAT32_SWITCHES, ids=lambda s: "+".join(f"{k}={v}" for k, v in s.items()) or "defaults")
+@pytest.mark.parametrize("name", ["u32_new_order", "c32_legacy_heads", "u32_plain"])
+def test_float32_switches_reproduce_adm_outputs(adm_golden, name, switches):
+    net, case, kwargs = reference_network(adm_golden, name)
+    out = optimize_for_sampling(net, **switches)(case["x"], case["t"], **kwargs)
+    assert out.dtype == torch.float32 and out.is_contiguous() and not out.is_inference()
+    torch.testing.assert_close(out, case["out"], atol=FLOAT32_ATOL, rtol=0)
+
+
+def test_bf16_autocast_runs_in_reduced_precision_within_its_documented_tolerance(adm_golden):
+    net, case, kwargs = reference_network(adm_golden, "c32_legacy_heads")
+    out = optimize_for_sampling(net, autocast_dtype="bf16")(case["x"], case["t"], **kwargs)
+    rel = ((out - case["out"]).norm() / case["out"].norm()).item()
+    assert out.dtype == torch.float32
+    # bfloat16 keeps 8 bits: an error far above float32 rounding shows it really ran in bfloat16.
+    assert 1e-4 < rel <= AUTOCAST_REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_attention_switch_chooses_the_kernel(adm_golden, fused):
+    net, case, kwargs = reference_network(adm_golden, "u32_new_order")
+    # Outside inference mode the dispatcher shows which kernel scaled_dot_product_attention picks.
+    model = optimize_for_sampling(net, fused_attention=fused, inference_mode=False)
+    with OperatorLog() as log:
+        out = model(case["x"], case["t"], **kwargs)
+    fused_kernels = {n for n in log.names if n.startswith("aten._scaled_dot_product_")}
+    if fused:
+        assert fused_kernels and "aten.bmm.default" not in log.names
+    else:
+        # The math backend: softmax(q k^T / sqrt(d)) v as two batched matrix products.
+        assert not fused_kernels and "aten.bmm.default" in log.names
+    torch.testing.assert_close(out, case["out"], atol=FLOAT32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_inference_mode_switch_and_an_ordinary_result(adm_golden, inference):
+    net, case, kwargs = reference_network(adm_golden, "u32_new_order")
+    seen = []
+    net.input_blocks[0].register_forward_hook(
+        lambda *_: seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+    )
+    out = optimize_for_sampling(net, inference_mode=inference)(case["x"], case["t"], **kwargs)
+    assert seen == [(inference, False)]
+    # Classifier guidance differentiates through the samples: the result must be an ordinary tensor.
+    assert not out.is_inference()
+    out.requires_grad_(True).sum().backward()
+
+
+def test_channels_last_converts_the_weights_and_hands_back_the_standard_layout(adm_golden):
+    net, case, kwargs = reference_network(adm_golden, "c32_legacy_heads")
+    layouts = []
+    net.input_blocks[0].register_forward_hook(
+        lambda module, args, _: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    out = optimize_for_sampling(net, channels_last=True)(case["x"], case["t"], **kwargs)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert layouts == [True] and out.is_contiguous()
+    torch.testing.assert_close(out, case["out"], atol=FLOAT32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["adm", "admes"])
+@pytest.mark.parametrize("index", [0, 1])
+def test_sampling_loops_with_switches_reproduce_adm_and_admes(adm_golden, admes_golden, which, index):
+    case = (adm_golden if which == "adm" else admes_golden)["diffusion"][index]
+    name = "u32_new_order" if case["learn_sigma"] else "u32_plain"
+    model = optimize_for_sampling(copy.deepcopy(golden_network(name)), channels_last=True)
+    diffusion = golden_diffusion(case, eps_scale=case.get("eps_scale"))
+    sample = diffusion.ddim_sample_loop(model, case["x"].shape, noise=case["x"], clip_denoised=True, eta=0.0)
+    assert_loop_close(sample, case["ddim_eta0"], f"{which} case {index}")
+
+
+def test_bad_arguments_raise_one_clear_error(adm_golden):
+    net, _, _ = reference_network(adm_golden, "u32_new_order")
+    with pytest.raises(ValueError, match="model.eval"):
+        optimize_for_sampling(copy.deepcopy(net).train())
+    with pytest.raises(ValueError, match="CUDA device"):
+        optimize_for_sampling(net, cuda_graphs=True)
+    with pytest.raises(ValueError, match="float16, bfloat16 or None"):
+        optimize_for_sampling(net, autocast_dtype="int8")
+    with pytest.raises(ValueError, match="torch.nn.Module"):
+        optimize_for_sampling(lambda x, t: x)
+    half = copy.deepcopy(net)
+    half.convert_to_fp16()
+    with pytest.raises(ValueError, match="convert_to_fp32"):
+        optimize_for_sampling(half, autocast_dtype=torch.bfloat16)
+    assert parse_autocast_dtype("fp16") is torch.float16 and parse_autocast_dtype("bfloat16") is torch.bfloat16
+    assert parse_autocast_dtype(None) is None and parse_autocast_dtype("float32") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_check.sh checks them)")
+def test_cuda_graphs_replay_new_inputs_and_new_shapes(adm_golden):
+    net, case, kwargs = reference_network(adm_golden, "c32_legacy_heads")
+    net = net.cuda()
+    eager = optimize_for_sampling(copy.deepcopy(net), fused_attention=False, inference_mode=False)
+    graphed = optimize_for_sampling(net, cuda_graphs=True)
+    x, t, y = case["x"].cuda(), case["t"].cuda(), kwargs["y"].cuda()
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        for inputs in [(x, t, y), (-x, t.flip(0), y.flip(0)), (x[:1], t[:1], y[:1])]:
+            out = graphed(inputs[0], inputs[1], y=inputs[2])
+            torch.testing.assert_close(out, eager(inputs[0], inputs[1], y=inputs[2]), atol=FLOAT32_ATOL, rtol=0)
+    assert len(graphed._graphs) == 2
+
+
+# ---------------------------------------------------------------- the benchmark's measuring code
+
+
+def test_flop_count_equals_an_independent_count_from_layer_shapes():
+    b = bench()
+    workload = b.Workload.load("tiny")
+    counted = workload.flops_per_image()
+    model = workload.network(torch.device("cpu"))
+    total = []
+
+    def conv_or_linear(module, args, out):
+        weight = module.weight
+        per_output = weight[0].numel()  # input channels per group x kernel size
+        total.append(2 * out.numel() * per_output)
+
+    def attention(module, args, out):
+        qkv = args[0]
+        batch, width, tokens = qkv.shape
+        channels = width // 3  # all heads together
+        total.append(2 * 2 * batch * tokens * tokens * channels)  # q k^T and (weights) v
+
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+            module.register_forward_hook(conv_or_linear)
+        elif type(module).__name__ in ("QKVAttention", "QKVAttentionLegacy"):
+            module.register_forward_hook(attention)
+    x, t, kwargs = workload.inputs(3, torch.device("cpu"))
+    with torch.no_grad():
+        model(x, t, **kwargs)
+    assert counted["total"] == sum(total) / 3 > 0
+    assert counted["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_output_comparison_applies_each_tolerance():
+    b = bench()
+    ref = torch.linspace(-1, 1, 1000)
+    assert b.compare_outputs(ref + 5e-5, ref, "float32")["equal"]
+    assert not b.compare_outputs(ref + 2e-4, ref, "float32")["equal"]
+    assert b.compare_outputs(ref * 1.02, ref, "bfloat16")["equal"]  # relative error 2e-2
+    assert not b.compare_outputs(ref * 1.02, ref, "float16")["equal"]
+    nan = ref.clone()
+    nan[0] = float("nan")
+    assert not b.compare_outputs(nan, ref, "bfloat16")["equal"]
+
+
+def test_variant_names_parse_and_refuse_nonsense():
+    b = bench()
+    variant = b.Variant.parse("sdpa+channels_last+bf16")
+    assert variant.switches == {"sdpa", "channels_last", "bf16"} and variant.precision == "bfloat16"
+    assert b.Variant.parse("adm_fp16+graphs").precision == "float16"
+    assert b.Variant.parse("graphs").skip_reason(torch.device("cpu")) is not None
+    assert b.Variant.parse("sdpa").skip_reason(torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="unknown switch 'turbo'"):
+        b.Variant.parse("sdpa+turbo")
+    with pytest.raises(ValueError, match="more than one"):
+        b.Variant.parse("bf16+fp16")
+    with pytest.raises(ValueError, match="start with eager"):
+        b.parse_variants("sdpa,eager")
+
+
+def test_peak_memory_sees_an_allocation_of_known_size():
+    b = bench()
+    with b.PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(64 * 2**20)  # 256 MiB, every page written
+        del block
+    assert memory.record["peak_mib"] - memory.record["before_mib"] >= 250
+
+
+def test_sampling_measurement_runs_the_real_loop_and_counts_network_time():
+    b = bench()
+    workload = b.Workload.load("tiny")
+    base = workload.network(torch.device("cpu"))
+    entry, samples = b.measure_sampling(workload, base, b.Variant.parse("eager"), 2, 3, torch.device("cpu"))
+    # The same images as the plain loop with the same per-image noise.
+    from guided_diffusion.sample_io import ImageNoise, image_labels
+
+    y = image_labels(0, [0, 1], workload.flags["num_classes"])
+    expected = workload.diffusion(3).p_sample_loop(base, samples.shape, model_kwargs={"y": y}, generator=ImageNoise(0, [0, 1]))
+    torch.testing.assert_close(samples, expected, atol=1e-5, rtol=0)
+    assert entry["network_calls"] == 3 and 0 < entry["network_seconds"] <= entry["seconds"]
