@@ -158,7 +158,9 @@ def scale_eps(eps: torch.Tensor, schedule: EpsScale, t, num_steps: int) -> torch
         return eps
     if isinstance(t, torch.Tensor):
         schedule.validate(num_steps)
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_steps):
+        # the range check reads t back; on a GPU that would stall every step (sampling loops only
+        # pass indices of the chain they validated), so it runs where it is free
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_steps):
             raise EpsScaleError(f"step index outside the chain 0..{num_steps - 1}")
         if schedule.table is not None:
             table = torch.tensor(schedule.table, dtype=torch.float64, device=t.device)

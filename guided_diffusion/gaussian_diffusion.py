@@ -14,6 +14,7 @@ never scale.
 import collections
 import enum
 import math
+import weakref
 
 import numpy as np
 import torch as th
@@ -405,7 +406,7 @@ class GaussianDiffusion:
         schedule = self._sampling_schedule(eps_scale)
         img, device = self._initial_noise(model, shape, noise, device, generator)
         for i in self._chain_indices(progress):
-            t = th.tensor([i] * shape[0], device=device)
+            t = th.full((shape[0],), i, device=device, dtype=th.long)
             with th.no_grad():
                 out = self.p_sample(
                     model,
@@ -541,7 +542,7 @@ class GaussianDiffusion:
         schedule = self._sampling_schedule(eps_scale)
         img, device = self._initial_noise(model, shape, noise, device, generator)
         for i in self._chain_indices(progress):
-            t = th.tensor([i] * shape[0], device=device)
+            t = th.full((shape[0],), i, device=device, dtype=th.long)
             with th.no_grad():
                 out = self.ddim_sample(
                     model,
@@ -725,9 +726,24 @@ def _model_device(model, noise):
     return noise.device if noise is not None else th.device("cpu")
 
 
+_DEVICE_ARRAYS: dict = {}  # (id(array), device) -> tensor, while the array lives
+
+
+def _on_device(arr, device):
+    """``arr`` as a tensor on ``device``, uploaded once per schedule array (a copy per call would
+    stall a GPU loop); the entry goes when the array is collected, so temporaries do not pile up."""
+    key = (id(arr), str(device))
+    tensor = _DEVICE_ARRAYS.get(key)
+    if tensor is None:
+        tensor = th.from_numpy(arr).to(device=device, copy=True)  # a copy: must not keep arr alive
+        _DEVICE_ARRAYS[key] = tensor
+        weakref.finalize(arr, _DEVICE_ARRAYS.pop, key, None)
+    return tensor
+
+
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
     """Gather arr[timesteps] from a numpy array as float32, shaped to broadcast against a batch."""
-    res = th.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    res = _on_device(arr, timesteps.device)[timesteps].float()
     while res.dim() < len(broadcast_shape):
         res = res[..., None]
     return res.expand(broadcast_shape)

@@ -71,6 +71,7 @@ class SpacedDiffusion(GaussianDiffusion):
     def __init__(self, use_timesteps, **kwargs):
         self.use_timesteps = set(use_timesteps)
         self.timestep_map = []
+        self._map_tensors = {}
         self.original_num_steps = len(kwargs["betas"])
 
         # eps_scale belongs to the spaced chain; a table of its length would not fit the base one.
@@ -104,7 +105,8 @@ class SpacedDiffusion(GaussianDiffusion):
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)
+        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps,
+                             self._map_tensors)
 
     def _scale_timesteps(self, t):
         # _WrappedModel maps and rescales.
@@ -114,15 +116,18 @@ class SpacedDiffusion(GaussianDiffusion):
 class _WrappedModel:
     """Calls a model (or cond_fn) with original timesteps in place of the spaced chain's indices."""
 
-    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps, map_tensors=None):
         self.model = model
         self.timestep_map = timestep_map
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps
+        self.map_tensors = {} if map_tensors is None else map_tensors
 
     def __call__(self, x, ts, **kwargs):
-        map_tensor = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
-        new_ts = map_tensor[ts]
+        key = (str(ts.device), ts.dtype)
+        if key not in self.map_tensors:  # uploaded once per diffusion and device, not every call
+            self.map_tensors[key] = th.tensor(self.timestep_map, device=ts.device, dtype=ts.dtype)
+        new_ts = self.map_tensors[key][ts]
         if self.rescale_timesteps:
             new_ts = new_ts.float() * (1000.0 / self.original_num_steps)
         return self.model(x, new_ts, **kwargs)

@@ -535,3 +535,22 @@ def test_classifier_guidance_equals_adm(adm_golden):
         model, x.shape, noise=x, clip_denoised=True, eta=0.0, cond_fn=cond_fn, model_kwargs=kwargs
     )
     assert_loop_close(sample, case["ddim_guided"], "ddim_guided")
+
+
+def test_schedule_arrays_are_uploaded_once_and_temporaries_do_not_pile_up():
+    import gc
+
+    from guided_diffusion import gaussian_diffusion as gd_module
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine", timestep_respacing="10")
+
+    def model(x, t):
+        return th.zeros_like(x)
+
+    sizes = []
+    for _ in range(3):
+        diffusion.p_sample_loop(model, (2, 3, 4, 4))
+        gc.collect()
+        sizes.append(len(gd_module._DEVICE_ARRAYS))
+    assert sizes[0] == sizes[1] == sizes[2]
