@@ -43,6 +43,18 @@ def parse_digits_spec(spec: str) -> int:
     return size
 
 
+def checked_digits_size(spec: str, image_size: int) -> int:
+    """The size ``spec`` asks for, refused with one line unless it is the model's ``image_size``."""
+    size = parse_digits_spec(spec)
+    if size != image_size:
+        hint = DIGITS_NAME if image_size == DIGITS_NATIVE_SIZE else f"{DIGITS_NAME}:{image_size}"
+        raise ValueError(
+            f"--data_dir {spec} gives {size}x{size} images but the model takes {image_size}x{image_size}; "
+            f"use --data_dir {hint}"
+        )
+    return size
+
+
 def digits_arrays(size: int = DIGITS_NATIVE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as (images float32 [1797, 3, size, size] in [-1, 1], labels int64 [1797])."""
     try:

@@ -27,7 +27,7 @@ from .checkpoints import load_model_weights
 from .digit_features import digit_features, load_digit_features
 from .digits import digits_arrays
 from .eps_scaling import EpsScale
-from .file_util import atomic_write_bytes, atomic_write_text
+from .file_util import atomic_write_figure, atomic_write_text
 from .lambda_search import EvaluationCache, LambdaSearch, calibrate_eps_scale, frechet_score
 from .sample_io import quantize
 from .sampling import batch_sampler
@@ -135,8 +135,6 @@ def _verdict(base, es, lower_is_better=True) -> str:
 def write_grid(baseline: np.ndarray, scaled: np.ndarray, path: Path, title: str, es_label: str,
                columns: int = 8) -> None:
     """Baseline and ES samples side by side (image i of both panels starts from the same noise)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,10 +153,7 @@ def write_grid(baseline: np.ndarray, scaled: np.ndarray, path: Path, title: str,
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_figure(fig, path, dpi=100)
 
 
 def run_demo(output_dir="results/digits", num_samples=400, batch_size=400, seeds=(0, 1, 2),

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .eps_scaling import EpsScale, parse_eps_scale, scale_eps
-from .file_util import atomic_write_bytes, atomic_write_text
+from .file_util import atomic_write_figure, atomic_write_text
 from .gaussian_diffusion import _model_device
 from .sample_io import STREAM_EXTRA, ImageNoise
 
@@ -72,17 +72,12 @@ def load_images(source, image_size: int, num_images: int = 256, seed: int = 0, w
         batch (``arr_0`` uint8 [N, S, S, 3], labels in ``arr_1``), ``digits`` or ``digits:SIZE``.
     :return: (images float32 [N, 3, S, S] in [-1, 1], int64 labels [N] or None).
     """
-    from .digits import digits_arrays, is_digits_spec, parse_digits_spec
+    from .digits import checked_digits_size, digits_arrays, is_digits_spec
 
     if not source:
         raise ValueError("no data given; pass --data_dir a folder of images, an .npz batch, digits or digits:SIZE")
     if is_digits_spec(source):
-        size = parse_digits_spec(source)
-        if size != image_size:
-            raise ValueError(
-                f"{source} gives {size}x{size} images but the model takes {image_size}x{image_size}; "
-                f"use {'digits' if image_size == 8 else f'digits:{image_size}'}"
-            )
+        size = checked_digits_size(source, image_size)
         images, labels = digits_arrays(size)
         chosen = _choose(len(images), num_images, seed, source)
         return images[chosen], labels[chosen] if with_labels else None
@@ -406,7 +401,4 @@ def write_plot(runs: list[ChainRun], path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_figure(fig, path, dpi=110)

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util
-from .digits import DigitsDataset, is_digits_spec, parse_digits_spec
+from .digits import DigitsDataset, checked_digits_size, is_digits_spec
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 
@@ -54,12 +54,7 @@ def load_data(
         raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     if is_digits_spec(data_dir):
-        size = parse_digits_spec(data_dir)
-        if size != image_size:
-            raise ValueError(
-                f"--data_dir {data_dir} gives {size}x{size} images but the image size is {image_size}; "
-                f"use --data_dir {'digits' if image_size == 8 else f'digits:{image_size}'}"
-            )
+        size = checked_digits_size(data_dir, image_size)
         dataset = DigitsDataset(
             size, class_cond=class_cond, shard=rank, num_shards=world, random_flip=bool(random_flip)
         )

@@ -33,7 +33,7 @@ import torch
 
 from .eps_scaling import EpsScale, EpsScaleError
 from .exposure_bias import ChainRun, run_chains
-from .file_util import atomic_write_bytes, atomic_write_text
+from .file_util import atomic_write_figure, atomic_write_text
 
 # metric(schedule, seed) -> value
 Metric = Callable[[EpsScale, int], float]
@@ -391,8 +391,6 @@ def write_search_plot(results: list[SearchResult], path, metric_name: str, num_s
                       marks: dict | None = None) -> None:
     """The metric against lambda for each searched family (mean +- std over seeds), with the best
     schedule and any ``marks`` ({name: EpsScale}, e.g. the calibrated fits) shown."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,7 +431,4 @@ def write_search_plot(results: list[SearchResult], path, metric_name: str, num_s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_figure(fig, path, dpi=110)
