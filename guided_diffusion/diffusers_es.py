@@ -23,7 +23,8 @@ is ``beta_schedule="squaredcos_cap_v2"``; respacing "ddimN" is ``timestep_spacin
 ADM's step set as custom ``timesteps`` (tests/test_diffusers_es.py shows both give ADM's trajectory).
 
 The second half samples unconditional pipelines image by image for scripts/diffusers_sample.py:
-every image gets its own generator from ``sample_io``, so image i depends on (seed, i) alone.
+every image gets its own generator from ``sample_io`` and its networks run on index-aligned chunks,
+so image i depends on (seed, i) alone, bit for bit, whatever the batch size.
 
 diffusers is an optional dependency (``pip install 'guided-diffusion-es[diffusers]'``); it is
 imported only when a function here needs it.
@@ -42,11 +43,12 @@ import numpy as np
 import torch
 
 from .eps_scaling import EpsScale, parse_eps_scale, sampling_order_t, scale_eps
-from .sample_io import ImageNoise
+from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise
 
 __all__ = [
     "SCALABLE_SCHEDULERS",
     "SCHEDULER_FLAGS",
+    "aligned_networks",
     "apply_eps_scaling",
     "eps_scaling",
     "image_shape",
@@ -294,18 +296,64 @@ def _global_rng_states(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
-def sample_images(pipe, seed: int, indices: Sequence[int], num_steps: int, **call_kwargs) -> torch.Tensor:
+def _aligned_method(method, indices: Sequence[int], chunk: int):
+    """A diffusers model method ``method(x, [t], return_dict=...)`` that runs on AlignedNetwork's chunks.
+
+    The replacement answers as the method does: its output class (UNet2DOutput, DecoderOutput)
+    with the joined ``sample``, or the tuple ``(sample,)`` under return_dict=False.
+    """
+    output_class = []
+
+    def network(x, t, **kwargs):
+        out = method(x, return_dict=True, **kwargs) if t is None else method(x, t, return_dict=True, **kwargs)
+        output_class[:] = [type(out)]
+        return out.sample
+
+    aligned = AlignedNetwork(network, indices, chunk)
+
+    def call(x, t=None, return_dict=True, **kwargs):
+        sample = aligned(x, t, **kwargs)
+        return output_class[0](sample=sample) if return_dict else (sample,)
+
+    return call
+
+
+@contextlib.contextmanager
+def aligned_networks(pipe, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_BATCH) -> Iterator:
+    """While sampling images ``indices``, run the pipeline's UNet and its autoencoder's decoder
+    on index-aligned chunks of ``chunk`` images (``sample_io.AlignedNetwork``), so that no pixel
+    depends on the batch size: kernels round differently for other batch shapes."""
+    patched = []
+    try:
+        for name, method in (("unet", "forward"), ("vqvae", "decode"), ("vae", "decode")):
+            module = getattr(pipe, name, None)
+            if isinstance(module, torch.nn.Module) and callable(getattr(module, method, None)):
+                patched.append((module, method, vars(module).get(method)))
+                setattr(module, method, _aligned_method(getattr(module, method), indices, chunk))
+        yield
+    finally:
+        for module, method, previous in reversed(patched):
+            if previous is None:
+                delattr(module, method)
+            else:
+                setattr(module, method, previous)
+
+
+def sample_images(pipe, seed: int, indices: Sequence[int], num_steps: int,
+                  network_batch: int = DEFAULT_NETWORK_BATCH, **call_kwargs) -> torch.Tensor:
     """Images ``indices`` of a run as an NCHW tensor in [-1, 1]; image i depends on (seed, i) alone.
 
     The pipeline gets one generator per image (``sample_io``'s noise stream of that image), and
-    diffusers draws row j of the initial noise and of every step's noise from generator j. A
-    pipeline that still draws from torch's global generator (LDMPipeline with a stochastic
-    scheduler) or never calls ``scale_model_input`` (Euler under DDPMPipeline) is refused.
+    diffusers draws row j of the initial noise and of every step's noise from generator j. Its
+    networks run on chunks of ``network_batch`` images aligned to the image index
+    (``aligned_networks``), so the pixels do not depend on the batch size or the rank count
+    either. A pipeline that still draws from torch's global generator (LDMPipeline with a
+    stochastic scheduler) or never calls ``scale_model_input`` (Euler under DDPMPipeline) is refused.
     """
     scheduler = pipe.scheduler
     before = _global_rng_states(pipe.device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), aligned_networks(pipe, indices, network_batch):
             images = pipe(
                 batch_size=len(indices), generator=ImageNoise(seed, indices).generators,
                 num_inference_steps=num_steps, output_type="np", **call_kwargs,

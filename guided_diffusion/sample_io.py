@@ -352,6 +352,8 @@ class AlignedNetwork:
     images not in the batch repeat a real image, and they do not touch the real rows, which are
     computed independently of each other. Use it for every network a sampler
     calls (the classifier of guidance too); ``chunk`` is part of what determines the pixels.
+    ``t`` and keyword tensors are split with the images where they have one row per image and
+    passed whole otherwise (a scalar timestep, None).
     """
 
     def __init__(self, model, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_BATCH):
@@ -382,7 +384,8 @@ class AlignedNetwork:
         for slots, rows in self.groups:
             if slots == list(range(self.chunk)) and rows == list(range(rows[0], rows[0] + self.chunk)):
                 part = slice(rows[0], rows[0] + self.chunk)  # a whole aligned chunk: no copy
-                out = self.model(x[part], t[part], **{k: _rows(v, part, self.batch) for k, v in kwargs.items()})
+                out = self.model(x[part], _rows(t, part, self.batch),
+                                 **{k: _rows(v, part, self.batch) for k, v in kwargs.items()})
             else:
                 padded = {k: self._pad(v, slots, rows) for k, v in kwargs.items()}
                 out = self.model(self._pad(x, slots, rows), self._pad(t, slots, rows), **padded)

@@ -61,7 +61,9 @@ def main():
     pipe.to(dist_util.dev())
 
     def sample_batch(indices):
-        return diffusers_es.sample_images(pipe, args.seed, indices, args.steps, **call_kwargs), None
+        images = diffusers_es.sample_images(pipe, args.seed, indices, args.steps, args.network_batch_size,
+                                            **call_kwargs)
+        return images, None
 
     scheduler_config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
     settings = sampling.run_settings(

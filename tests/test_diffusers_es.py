@@ -540,6 +540,38 @@ def test_sample_images_gives_each_image_its_own_noise_whatever_the_batch():
     assert not torch.allclose(images, sample_images(pipe, seed + 1, [4, 1, 6], 4))
 
 
+def record_batch_sizes(module, method):
+    """Wrap ``module.method`` (an instance attribute) so that it records the batch of every call."""
+    sizes, plain = [], getattr(module, method)
+
+    def spy(x, *args, **kwargs):
+        sizes.append(x.shape[0])
+        return plain(x, *args, **kwargs)
+
+    setattr(module, method, spy)
+    return sizes
+
+
+@pytest.mark.parametrize("make_pipe", [tiny_ddpm_pipe, tiny_ldm], ids=["ddpm", "ldm"])
+def test_sample_images_runs_the_networks_on_aligned_chunks_and_is_bit_identical_across_batches(make_pipe):
+    pipe = make_pipe()
+    apply_eps_scaling(pipe, "1.02")
+    unet_calls = record_batch_sizes(pipe.unet, "forward")
+    decoder = getattr(pipe, "vqvae", None)
+    decode_calls = record_batch_sizes(decoder, "decode") if decoder is not None else []
+    spies = (pipe.unet.forward, decoder and decoder.decode)
+    call = {"eta": 0.0} if decoder is not None else {}  # DDPMPipeline takes no eta
+    together = sample_images(pipe, 3, [4, 1, 6], 3, network_batch=4, **call)
+    # Images 4 and 6 share chunk 1 (slots 0 and 2), image 1 is alone in chunk 0: two calls per step.
+    assert unet_calls == [4] * 6 and decode_calls == ([4, 4] if decoder is not None else [])
+    assert (pipe.unet.forward, decoder and decoder.decode) == spies  # the spies are back in place
+    for row, index in enumerate([4, 1, 6]):
+        assert torch.equal(sample_images(pipe, 3, [index], 3, network_batch=4, **call), together[row:row + 1])
+    with pytest.raises(ValueError, match="--network_batch_size must be at least 1"):
+        sample_images(pipe, 3, [0], 3, network_batch=0, **call)
+    assert pipe.unet.forward is spies[0]
+
+
 def test_sample_images_latent_pipeline_shape_and_per_image_noise():
     pipe = tiny_ldm()
     assert image_shape(pipe) == (16, 16, 3)
@@ -628,6 +660,10 @@ def test_script_writes_adm_npz_per_image_and_resumes(saved_ddpm, tmp_path):
     proc = run_script(*flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert npz.read_bytes() == first
+    other = tmp_path / "batch3"
+    proc = run_script(*[f.replace(str(out), str(other)).replace("--batch_size=2", "--batch_size=3") for f in flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (other / npz.name).read_bytes() == first  # the same bytes whatever the batch size
 
     proc = run_script(*[f for f in flags if not f.startswith("--eps_scale")], "--eps_scale=1.0")
     assert proc.returncode == 2 and "error:" in proc.stderr and "other settings" in proc.stderr

@@ -242,3 +242,25 @@ def test_sampling_measurement_runs_the_real_loop_and_counts_network_time():
     expected = workload.diffusion(3).p_sample_loop(base, samples.shape, model_kwargs={"y": y}, generator=ImageNoise(0, [0, 1]))
     torch.testing.assert_close(samples, expected, atol=1e-5, rtol=0)
     assert entry["network_calls"] == 3 and 0 < entry["network_seconds"] <= entry["seconds"]
+
+
+def test_cpu_target_is_judged_against_the_matmul_kernels_of_the_same_rounds():
+    b = bench()
+    row = dict(config="cifar10_uncond_admes", batch=16, precision="float32", variant="sdpa", tflops=0.09,
+               fraction_of_fp32_peak=0.9, window_peak=dict(tflops=dict(mm=0.1, conv1x1=0.11, conv3x3=0.12)))
+    lines = b.target_lines(dict(forward=[row], machine=dict(cpu="x")))
+    assert "torch.mm (MKL sgemm) timed in the same rounds: 90% (sdpa): met." in lines[0]
+    assert "1x1-convolution GEMM timed in the same rounds: 82% (sdpa): NOT met." in lines[1]
+    assert lines[2].endswith("reached 75% of it.")
+
+
+def test_cpu_peak_probe_counts_each_kernels_flops(monkeypatch):
+    b = bench()
+    probe = b.CpuPeakProbe(n=64)
+    seconds = iter([0.0, 2.0, 10.0, 11.0, 20.0, 24.0])  # each kernel's (start, end)
+    monkeypatch.setattr(b.time, "perf_counter", lambda: next(seconds))
+    probe.sample()
+    assert probe.best["mm"] == pytest.approx(2 * 64**3 / 2 / 1e12)
+    assert probe.best["conv1x1"] == pytest.approx(2 * 4096 * 1024 * 1024 / 1 / 1e12)
+    assert probe.best["conv3x3"] == pytest.approx(2 * 16 * 16 * 16 * 256 * 256 * 9 / 4 / 1e12)
+    assert probe.record()["peak_tflops"] == probe.best["conv1x1"]  # the matmul kernels only

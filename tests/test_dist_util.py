@@ -1,0 +1,54 @@
+"""dist_util: the launcher's environment read right, and CPU ranks that do not oversubscribe the cores."""
+
+import pytest
+import torch
+
+from guided_diffusion import dist_util
+
+
+@pytest.fixture
+def threads_set(monkeypatch):
+    """Record torch.set_num_threads calls instead of changing the test process."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist_util.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("env,world,expected", [
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 4, [3]),  # mpirun: 2 ranks on this node share 6 cores
+    ({"LOCAL_WORLD_SIZE": "4"}, 8, [1]),  # torchrun: 6 cores over 4 ranks, rounded down
+    ({"MPI_LOCALNRANKS": "12"}, 12, [1]),  # more ranks than cores: never 0 threads
+    ({}, 3, [2]),  # no local size: the world is on this node
+    ({}, 1, []),  # one process keeps torch's default
+    ({"OMP_NUM_THREADS": "5"}, 2, []),  # the user's choice wins
+])
+def test_cpu_ranks_share_the_cores(monkeypatch, threads_set, env, world, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    dist_util.share_cpu_cores(world)
+    assert threads_set == expected
+
+
+def test_gpu_ranks_keep_their_threads(monkeypatch, threads_set):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    dist_util.share_cpu_cores(4)
+    assert threads_set == []
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (3, 8, 1)),
+    ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "6", "OMPI_COMM_WORLD_LOCAL_RANK": "2"}, (5, 6, 2)),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 2, 1)),
+    ({}, (0, 1, 0)),
+])
+def test_launcher_environment(monkeypatch, env, expected):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "PMIX_SIZE", "MPI_LOCALRANKID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert dist_util._launcher_env() == expected
