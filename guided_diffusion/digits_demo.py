@@ -79,13 +79,13 @@ class DigitsBench:
     def sample(self, model_name: str, steps: int, schedule: EpsScale, seed: int, guidance: float = 0.0):
         """uint8 samples [n, 8, 8, 3] and their labels (None when unconditional and unguided)."""
         diffusion = respaced(model_name, steps)
-        network = self.models[model_name]
         class_cond = model_name == "digits_cond"
-        model = _without_labels(network) if guidance else network
         args = argparse.Namespace(seed=seed, use_ddim=False, clip_denoised=True, network_batch_size=self.network_batch)
-        sample_batch = batch_sampler(model, diffusion, args, schedule, (3, 8, 8),
+        # Under guidance the labels steer the classifier only; the model never sees them (as in ADM).
+        sample_batch = batch_sampler(self.models[model_name], diffusion, args, schedule, (3, 8, 8),
                                      num_classes=10 if (class_cond or guidance) else None,
-                                     classifier=self.classifier if guidance else None, classifier_scale=guidance)
+                                     classifier=self.classifier if guidance else None, classifier_scale=guidance,
+                                     model_takes_labels=not guidance)
         images, labels = [], []
         for start in range(0, self.num_samples, self.batch_size):
             out, y = sample_batch(list(range(start, min(start + self.batch_size, self.num_samples))))
@@ -100,11 +100,6 @@ class DigitsBench:
         with torch.no_grad():
             predicted = self.features_net(to_network_input(images)).argmax(1).numpy()
         return float((predicted == labels).mean())
-
-
-def _without_labels(network):
-    """The labels steer the classifier only; an unconditional model never sees them (as in ADM)."""
-    return lambda x, t, y=None: network(x, t)
 
 
 def _mean_std(values) -> tuple[float, float]:

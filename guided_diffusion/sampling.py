@@ -15,10 +15,12 @@ from . import dist_util, logger
 from .checkpoints import SHAPE_FLAGS, infer_unet_flags, load_model_weights, load_state_dict
 from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise, SampleRun, image_labels, run_sampling
 from .script_util import UsageError, args_to_dict, sampling_eps_scale
+from .speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype
 
 
 def start(args) -> None:
     """Distributed set-up and the log folder (ADM's scripts log to $OPENAI_LOGDIR)."""
+    check_speed_flags(args)
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
     if args.batch_size < 1:
@@ -59,6 +61,37 @@ def load_network(factory, args, keys, path: str, what: str, image_size: int):
     return net, extra, sha
 
 
+def check_speed_flags(args) -> None:
+    """Refuse speed switches this machine cannot run, before anything is written."""
+    try:
+        parse_autocast_dtype(getattr(args, "autocast_dtype", None))
+    except ValueError:
+        raise UsageError(f"--autocast_dtype {args.autocast_dtype}: use none, bf16 or fp16") from None
+    if getattr(args, "cuda_graphs", False) and not torch.cuda.is_available():
+        raise UsageError("--cuda_graphs True needs a CUDA GPU and none is visible; leave --cuda_graphs False")
+
+
+def sampling_network(net, args):
+    """``net`` (an eval-mode torch module) behind the speed switches its flags ask for (speed.py).
+
+    The defaults (fused attention, inference mode) give the same pixels as the bare network;
+    every switch is part of the run's settings, so shards made with other switches are refused.
+    """
+    defaults = SpeedSettings()
+    try:
+        return optimize_for_sampling(
+            net,
+            fused_attention=getattr(args, "fused_attention", defaults.fused_attention),
+            channels_last=getattr(args, "channels_last", defaults.channels_last),
+            inference_mode=getattr(args, "inference_mode", defaults.inference_mode),
+            autocast_dtype=getattr(args, "autocast_dtype", None),
+            compile=getattr(args, "compile", defaults.compile),
+            cuda_graphs=getattr(args, "cuda_graphs", defaults.cuda_graphs),
+        )
+    except ValueError as exc:
+        raise UsageError(f"speed switches: {exc}") from None
+
+
 def adopt_checkpoint_flags(args, path, image_size: int) -> None:
     """Set the flags that the checkpoint's tensor shapes determine (--infer_flags True).
 
@@ -94,16 +127,20 @@ def classifier_cond_fn(classifier, scale: float):
 
 
 def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, classifier=None,
-                  classifier_scale=1.0, extra_kwargs=None):
+                  classifier_scale=1.0, extra_kwargs=None, model_takes_labels=True):
     """``sample_batch(indices)`` for run_sampling: noise, per-step noise and labels per image.
 
     Labels are drawn per image when ``num_classes`` is given, or come from ``extra_kwargs``'s "y".
     The networks run in fixed, index-aligned chunks of ``args.network_batch_size`` images
-    (sample_io.AlignedNetwork), so no pixel depends on the batch size or the number of ranks.
+    (sample_io.AlignedNetwork), so no pixel depends on the batch size or the number of ranks; the
+    model runs behind the speed switches of ``args`` (``sampling_network``). The guidance
+    classifier is differentiated, so it runs as it is. ``model_takes_labels=False`` keeps the labels
+    from an unconditional model (they still reach the classifier), as ADM's classifier_sample does.
     """
     device = dist_util.dev()
     loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
     chunk = getattr(args, "network_batch_size", DEFAULT_NETWORK_BATCH)
+    network = sampling_network(model, args)  # once: compiled code and CUDA graphs are kept
 
     def sample_batch(indices):
         model_kwargs = dict(extra_kwargs(indices) if extra_kwargs else {})
@@ -112,8 +149,9 @@ def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cla
         cond_fn = None
         if classifier is not None:
             cond_fn = classifier_cond_fn(AlignedNetwork(classifier, indices, chunk), classifier_scale)
+        aligned = AlignedNetwork(network, indices, chunk)
         images = loop(
-            AlignedNetwork(model, indices, chunk),
+            aligned if model_takes_labels else (lambda x, t, y=None, **kwargs: aligned(x, t, **kwargs)),
             (len(indices), *shape),
             clip_denoised=args.clip_denoised,
             model_kwargs=model_kwargs,

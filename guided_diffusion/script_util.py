@@ -595,6 +595,13 @@ def sampling_defaults():
         progress=True,
         infer_flags=False,  # take the shape-determined model flags from the checkpoint
         network_batch_size=DEFAULT_NETWORK_BATCH,  # images per network call; fixed so no pixel depends on --batch_size
+        # speed switches (guided_diffusion/speed.py; benchmarks/RESULTS.md says what each buys)
+        fused_attention=True,
+        inference_mode=True,
+        channels_last=False,
+        autocast_dtype="none",  # bf16 or fp16: the network in reduced precision (not ADM's use_fp16)
+        compile=False,
+        cuda_graphs=False,
     )
 
 

@@ -48,14 +48,10 @@ def main():
         args.image_size,
     )
     schedule, source = sampling.eps_schedule(args, config, diffusion)
-    class_cond = args.class_cond
-
-    def model_fn(x, t, y=None):
-        return model(x, t, y if class_cond else None)
-
     sample_batch = sampling.batch_sampler(
-        model_fn, diffusion, args, schedule, (3, args.image_size, args.image_size),
+        model, diffusion, args, schedule, (3, args.image_size, args.image_size),
         num_classes=args.num_classes, classifier=classifier, classifier_scale=args.classifier_scale,
+        model_takes_labels=args.class_cond,
     )
     settings = sampling.run_settings(args, model_sha256=model_sha, classifier_sha256=classifier_sha,
                                      eps_scale=str(schedule))

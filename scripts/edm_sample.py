@@ -56,10 +56,10 @@ def load_denoiser(args):
         raise UsageError("give exactly one of --network (an EDM .pkl or converted .safetensors) and --model_path (ADM)")
     if args.network:
         net, config = load_edm_network(args.network, args.network_key)
-        net.to(dist_util.dev())
+        net.to(dist_util.dev()).eval()
         shape = (net.img_channels, net.img_resolution, net.img_resolution)
         facts = dict(network=args.network, network_sha256=sha256_file(args.network), network_config=config)
-        return net, shape, net.label_dim, facts
+        return sampling.sampling_network(net, args), shape, net.label_dim, facts
     if args.timestep_respacing:
         logger.log(f"ignoring --timestep_respacing {args.timestep_respacing}: the noise levels come from --num_steps")
         args.timestep_respacing = ""
@@ -70,7 +70,7 @@ def load_denoiser(args):
     shape = (3, args.image_size, args.image_size)
     num_classes = args.num_classes if args.class_cond else 0
     facts = dict(model_path=args.model_path, model_sha256=sha)
-    return ADMDenoiser.from_diffusion(model, diffusion), shape, num_classes, facts
+    return ADMDenoiser.from_diffusion(sampling.sampling_network(model, args), diffusion), shape, num_classes, facts
 
 
 def eps_schedule(args, config):
@@ -99,7 +99,7 @@ def main():
 
     def sample_batch(indices):
         labels = image_labels(args.seed, indices, num_classes, device=device) if num_classes else None
-        aligned = AlignedNetwork(lambda x, sigma, labels=None: denoiser(x, sigma, labels), indices,
+        aligned = AlignedNetwork(lambda x, sigma, labels=None: denoiser(x, sigma, class_labels=labels), indices,
                                  args.network_batch_size)
         images = karras_sample(
             lambda x, sigma, labels: aligned(x, sigma, labels=labels), (len(indices), *shape),

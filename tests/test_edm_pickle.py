@@ -234,8 +234,9 @@ def test_convert_writes_safetensors_and_config(persistence_module, tmp_path):
 
 
 def run(script, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+                          cwd=REPO, timeout=300, env=env)
 
 
 def test_convert_script(persistence_module, tmp_path):

@@ -3,6 +3,7 @@ steps, noise streams, the ADM-checkpoint wrapper, and scripts/edm_sample.py on a
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -317,8 +318,9 @@ ADM_FLAGS = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1
 
 
 def run_script(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "scripts" / "edm_sample.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -192,3 +192,32 @@ def test_infer_flags_takes_the_shape_flags_from_the_checkpoint(tmp_path, tiny_mo
                "--infer_flags=True", f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=3",
                "--batch_size=4", f"--output_dir={tmp_path / 'inferred'}", "--progress=False")
     assert (tmp_path / "inferred" / "samples_3x8x8x3.npz").read_bytes() == reference.read_bytes()
+
+
+def test_speed_switches_keep_the_images_and_are_part_of_the_run(tmp_path, tiny_models):
+    base = np.load(sample(tmp_path, tiny_models, "plain", num=4))["arr_0"].astype(int)
+    exact = sample(tmp_path, tiny_models, "f32", "--channels_last=True", "--fused_attention=False",
+                   "--inference_mode=False", num=4)
+    # float32 switches round differently by ~1e-6: a pixel may cross a quantization boundary, no more
+    assert np.abs(np.load(exact)["arr_0"].astype(int) - base).max() <= 1
+    bf16 = sample(tmp_path, tiny_models, "bf16", "--autocast_dtype=bf16", num=4)
+    diff = np.abs(np.load(bf16)["arr_0"].astype(int) - base)
+    assert 0 < diff.mean() < 3  # reduced precision: close to, but not the float32 images
+    side = json.loads(bf16.with_suffix(".json").read_text())
+    assert side["autocast_dtype"] == "bf16" and side["channels_last"] is False and side["fused_attention"] is True
+    # a folder begun without the switch refuses to be continued with it
+    proc = run_script("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=4",
+                      "--batch_size=4", f"--output_dir={tmp_path / 'plain'}", "--progress=False",
+                      "--channels_last=True", check=False)
+    assert proc.returncode == 2 and "other settings" in proc.stderr and "channels_last" in proc.stderr
+
+
+def test_impossible_speed_switches_are_one_line_before_anything_is_written(tmp_path, tiny_models):
+    model = f"--model_path={tiny_models / 'uncond.pt'}"
+    out = tmp_path / "never"
+    assert "--autocast_dtype int8: use none, bf16 or fp16" in _error(
+        tmp_path, *TINY_FLAGS, model, "--autocast_dtype=int8", f"--output_dir={out}")
+    if not torch.cuda.is_available():
+        assert "--cuda_graphs True needs a CUDA GPU" in _error(
+            tmp_path, *TINY_FLAGS, model, "--cuda_graphs=True", f"--output_dir={out}")
+    assert not out.exists()
