@@ -883,6 +883,13 @@ def render_markdown(data: dict) -> str:
         else:
             out += _table(["where", "per step", "message"],
                           [(r["location"], r["per_step"], r["message"]) for r in data["host_syncs"]])
+    if data.get("script_checks"):
+        out += ["## scripts/image_sample.py with the speed switches", "",
+                "A tiny random-weight 64 px model, 4 ancestral steps, 12 images; differences in uint8 levels "
+                "against the plain run at batch 4.", ""]
+        out += _table(["variant", "batch", "seconds", "ok", "bytes equal", "max diff", "mean diff", "error"],
+                      [(r["variant"], r["batch"], r["seconds"], r["ok"], r.get("bytes_equal"), r.get("max_abs_uint8_diff"),
+                        r.get("mean_abs_uint8_diff"), r.get("error", "")) for r in data["script_checks"]])
     for title, key in (("Peak RSS of scripts/image_sample.py", "rss"), ("Multi-GPU (nccl)", "nccl")):
         if data.get(key):
             out += [f"## {title}", "", "```", json.dumps(data[key], indent=1), "```", ""]
@@ -899,19 +906,31 @@ RSS_MODEL = dict(image_size=64, num_channels=32, num_res_blocks=1, channel_mult=
                  num_head_channels=32, diffusion_steps=40, noise_schedule="cosine", learn_sigma=True)
 
 
+def _script_model(folder: Path) -> list[str]:
+    """Save the tiny 64 px model (random weights, every layer non-zero) in ``folder``; its flags."""
+    torch.manual_seed(0)
+    model, _ = su.create_model_and_diffusion(**{**su.model_and_diffusion_defaults(), **RSS_MODEL})
+    with torch.no_grad():  # ADM zero-initialises its output layers
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(model.state_dict(), folder / "model.pt")
+    return [f"--{k}={v}" for k, v in RSS_MODEL.items()] + [f"--model_path={folder / 'model.pt'}"]
+
+
+def _script_command(flags) -> tuple[list[str], dict]:
+    """scripts/image_sample.py with ``flags``, and an environment that imports this checkout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return [sys.executable, str(ROOT / "scripts" / "image_sample.py"), "--progress=False", *flags], env
+
+
 def sample_script_rss(counts=(64, 1024), batch_size=64) -> dict:
     """Peak RSS of scripts/image_sample.py (tiny 64 px model, two steps) at each --num_samples."""
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        model, _ = su.create_model_and_diffusion(**{**su.model_and_diffusion_defaults(), **RSS_MODEL})
-        torch.save(model.state_dict(), Path(tmp) / "model.pt")
-        flags = [f"--{k}={v}" for k, v in RSS_MODEL.items()]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        model_flags = _script_model(Path(tmp))
         runs = []
         for n in counts:
-            cmd = [sys.executable, str(ROOT / "scripts" / "image_sample.py"), *flags, "--timestep_respacing=2",
-                   f"--model_path={Path(tmp) / 'model.pt'}", f"--num_samples={n}", f"--batch_size={batch_size}",
-                   f"--output_dir={Path(tmp) / f'out{n}'}", "--progress=False"]
+            cmd, env = _script_command([*model_flags, "--timestep_respacing=2", f"--num_samples={n}",
+                                        f"--batch_size={batch_size}", f"--output_dir={Path(tmp) / f'out{n}'}"])
             started = time.perf_counter()
             with open(Path(tmp) / f"stderr{n}.txt", "w+b") as stderr:
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
@@ -928,6 +947,47 @@ def sample_script_rss(counts=(64, 1024), batch_size=64) -> dict:
     return dict(model=RSS_MODEL, batch_size=batch_size, runs=runs,
                 rss_difference_mib=runs[-1]["peak_rss_mib"] - runs[0]["peak_rss_mib"],
                 extra_samples_uint8_mib=held / 2**20, extra_samples_float32_mib=4 * held / 2**20)
+
+
+def sample_script_checks(cuda: bool, num_samples: int = 12, steps: int = 4) -> list[dict]:
+    """scripts/image_sample.py end to end with the speed switches, against its plain run.
+
+    Each row: the flags, the batch size, seconds, and how its images differ from the plain run
+    at batch 4 (uint8 levels; "bytes equal" for the whole NPZ). The plain run at batch 7 checks
+    that no pixel depends on the batch size on this device.
+    """
+    import numpy as np
+
+    runs = [("plain", [], 4), ("plain", [], 7), ("channels_last", ["--channels_last=True"], 4),
+            ("bf16", ["--autocast_dtype=bf16"], 4)]
+    if cuda:
+        runs += [("cuda_graphs", ["--cuda_graphs=True"], 4),
+                 ("cuda_graphs+channels_last+fp16", ["--cuda_graphs=True", "--channels_last=True",
+                                                    "--autocast_dtype=fp16"], 4),
+                 ("cuda_graphs+use_fp16", ["--cuda_graphs=True", "--use_fp16=True"], 4)]
+    rows, reference = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        model_flags = _script_model(Path(tmp))
+        for k, (name, flags, batch) in enumerate(runs):
+            out = Path(tmp) / f"run{k}"
+            cmd, env = _script_command([*model_flags, *flags, f"--timestep_respacing={steps}",
+                                        f"--num_samples={num_samples}", f"--batch_size={batch}", f"--output_dir={out}"])
+            started = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            row = dict(variant=name, batch=batch, seconds=round(time.perf_counter() - started, 1), ok=proc.returncode == 0)
+            if proc.returncode != 0:
+                row["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+                rows.append(row)
+                continue
+            npz = next(out.glob("samples_*.npz"))
+            images = np.load(npz)["arr_0"].astype(np.int16)
+            if reference is None:
+                reference = (npz.read_bytes(), images)
+            diff = np.abs(images - reference[1])
+            row.update(bytes_equal=npz.read_bytes() == reference[0], max_abs_uint8_diff=int(diff.max()),
+                       mean_abs_uint8_diff=float(diff.mean()))
+            rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1045,6 +1105,8 @@ def cmd_gpu_check(args) -> None:
         rec.data["host_syncs"] = rec.attempt("host syncs", lambda: find_host_syncs(first_load, base, device))
     else:
         rec.data["host_syncs"] = "skipped: needs CUDA (torch.cuda.set_sync_debug_mode)"
+    if deadline.left() > 90:
+        rec.data["script_checks"] = rec.attempt("sample script checks", lambda: sample_script_checks(cuda))
     forward(first_load, base, first_batches[1:])
     by_op = rec.data["flops"][first]["by_op"]
     # Profiled without CUDA graphs: a graph replay shows no operators.

@@ -264,3 +264,13 @@ def test_cpu_peak_probe_counts_each_kernels_flops(monkeypatch):
     assert probe.best["conv1x1"] == pytest.approx(2 * 4096 * 1024 * 1024 / 1 / 1e12)
     assert probe.best["conv3x3"] == pytest.approx(2 * 16 * 16 * 16 * 256 * 256 * 9 / 4 / 1e12)
     assert probe.record()["peak_tflops"] == probe.best["conv1x1"]  # the matmul kernels only
+
+
+def test_script_check_rows_render_as_a_table():
+    b = bench()
+    rows = [dict(variant="plain", batch=4, seconds=8.3, ok=True, bytes_equal=True, max_abs_uint8_diff=0,
+                 mean_abs_uint8_diff=0.0),
+            dict(variant="cuda_graphs", batch=4, seconds=1.0, ok=False, error="error: --cuda_graphs True needs a CUDA GPU")]
+    text = b.render_markdown(dict(title="t", script_checks=rows))
+    assert "| plain | 4 | 8.3 | yes | yes | 0 | 0 |  |" in text
+    assert "| cuda_graphs | 4 | 1 | NO | - | - | - | error: --cuda_graphs True needs a CUDA GPU |" in text

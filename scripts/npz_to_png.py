@@ -1,0 +1,74 @@
+"""Write the images of an ADM sample batch (.npz) as a folder of PNG files.
+
+    python scripts/npz_to_png.py samples/samples_50000x32x32x3.npz samples/png
+
+For tools that read image folders (EDM's fid.py, torch-fidelity, clean-fid). Image i becomes
+``OUT/{i:06d}.png``; when the batch holds labels (arr_1), ``OUT/dataset.json`` lists them in
+EDM's dataset format ({"labels": [["000000.png", 3], ...]}). The folder is written under a
+temporary name and renamed when complete, so an interrupted run leaves no partial folder.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from evaluations.npz_stream import NpzImages
+from guided_diffusion.file_util import temp_path_for
+from guided_diffusion.script_util import UsageError, cli_main
+
+LABELS_MEMBER = "arr_1.npy"
+
+
+def read_labels(path: Path, count: int):
+    """arr_1 of the batch as a list of ints, or None when it has no labels."""
+    with zipfile.ZipFile(path) as archive:
+        if LABELS_MEMBER not in archive.namelist():
+            return None
+    labels = np.load(path)["arr_1"]
+    if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: arr_1 should hold {count} integer labels, found {labels.dtype} {labels.shape}")
+    return [int(v) for v in labels]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("batch", help="ADM sample batch (.npz with arr_0 uint8 [N, H, W, 3])")
+    parser.add_argument("output", help="folder to create (must not exist)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    out = Path(args.output)
+    if out.exists():
+        raise UsageError(f"{out} already exists; give a new folder (the images are never written over)")
+    with NpzImages(args.batch) as images:
+        labels = read_labels(Path(args.batch), len(images))
+        width = max(6, len(str(len(images) - 1)))
+        names = [f"{i:0{width}d}.png" for i in range(len(images))]
+        partial = temp_path_for(out)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed run of the same pid
+        partial.mkdir(parents=True)
+        try:
+            done = 0
+            with tqdm(total=len(images), unit="img", desc="writing PNGs", disable=not args.progress) as bar:
+                for batch in images.batches(256):
+                    for image in batch:
+                        Image.fromarray(image).save(partial / names[done])
+                        done += 1
+                    bar.update(len(batch))
+            if labels is not None:
+                (partial / "dataset.json").write_text(json.dumps({"labels": [list(p) for p in zip(names, labels)]}))
+            os.replace(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    print(f"wrote {len(names)} PNG files to {out}" + (" with dataset.json (labels)" if labels is not None else ""))
+
+
+if __name__ == "__main__":
+    cli_main(main)
