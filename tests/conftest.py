@@ -39,3 +39,14 @@ def admes_golden():
 @pytest.fixture(scope="session")
 def checkpoint_layouts():
     return load_reference("checkpoint_layouts.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """The state_dict of gaussian_chains.tiny_unet_and_diffusion's network, saved to a file."""
+    from gaussian_chains import tiny_unet_and_diffusion
+
+    model, _ = tiny_unet_and_diffusion()
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save(model.state_dict(), path)
+    return path

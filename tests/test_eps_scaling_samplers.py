@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch as th
-from test_diffusion import (
+from adm_reference import (
     assert_close,
     assert_loop_close,
     golden_cond_fn,

@@ -13,14 +13,23 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from gaussian_chains import (
+    IMAGE_SHAPE,
+    ROOT,
+    TINY_FLAGS,
+    GaussianEps,
+    closed_form,
+    gaussian_data,
+    gaussian_diffusion,
+    run_in_process,
+    tiny_unet_and_diffusion,
+)
 from PIL import Image
 
-from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.exposure_bias import (
     STEP_COLUMNS,
     exposure_delta,
@@ -33,74 +42,6 @@ from guided_diffusion.exposure_bias import (
     write_plot,
 )
 from guided_diffusion.sample_io import ImageNoise
-from guided_diffusion.script_util import create_gaussian_diffusion
-
-ROOT = Path(__file__).resolve().parents[1]
-BASE_STEPS = 100
-NUM_CHAINS = 400
-IMAGE_SHAPE = (3, 8, 8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: threads only add overhead (and contend on a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class GaussianEps(torch.nn.Module):
-    """The exact E[eps | x_t] for x0 ~ N(0, s2 I), times ``mult``; t is the original timestep."""
-
-    def __init__(self, s2, mult=1.0, steps=BASE_STEPS, schedule="linear"):
-        super().__init__()
-        self.s2, self.mult = s2, mult
-        self.abar = torch.from_numpy(np.cumprod(1 - gd.get_named_beta_schedule(schedule, steps)))
-
-    def forward(self, x, t):
-        abar = self.abar[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return self.mult * torch.sqrt(1 - abar) * x / (abar * self.s2 + 1 - abar)
-
-
-def gaussian_diffusion(respacing="10"):
-    return create_gaussian_diffusion(steps=BASE_STEPS, noise_schedule="linear", timestep_respacing=respacing)
-
-
-def gaussian_data(s2, n=NUM_CHAINS, seed=0):
-    return torch.randn(n, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(seed)) * math.sqrt(s2)
-
-
-def closed_form(diffusion, s2, mult=1.0, lambdas=None, calibrate=False, ddim=False):
-    """Per step in sampling order: std of x_t - sqrt(abar) x0, norm ratio, lambda; and the final std.
-
-    ``lambdas[t]`` divides the noise at step t; ``calibrate`` sets it to the norm ratio at x_t
-    (sampling over forward-noised), which for isotropic Gaussians is sqrt(V_sampling / V_forward).
-    Ancestral steps use ADM's fixed-large variance (beta_t; the posterior variance at t = 0).
-    """
-    abar = diffusion.alphas_cumprod
-    steps = diffusion.num_timesteps
-    variance = np.append(diffusion.posterior_variance[1], diffusion.betas[1:])
-    c, v = math.sqrt(abar[-1]), 1 - abar[-1]
-    rows = []
-    for t in range(steps - 1, -1, -1):
-        a, sigma = math.sqrt(abar[t]), math.sqrt(1 - abar[t])
-        v_sampling, v_forward = c * c * s2 + v, abar[t] * s2 + 1 - abar[t]
-        ratio = math.sqrt(v_sampling / v_forward)
-        lam = ratio if calibrate else (1.0 if lambdas is None else lambdas[t])
-        gain = mult * sigma / v_forward / lam  # eps / lambda = gain * x_t
-        x0_coef = (1 - sigma * gain) / a
-        if ddim:
-            prev = diffusion.alphas_cumprod_prev[t]
-            A, B2 = math.sqrt(prev) * x0_coef + math.sqrt(1 - prev) * gain, 0.0
-        else:
-            A = diffusion.posterior_mean_coef1[t] * x0_coef + diffusion.posterior_mean_coef2[t]
-            B2 = variance[t] if t > 0 else 0.0
-        rows.append({"t": t, "std": math.sqrt((c - a) ** 2 * s2 + v), "ratio": ratio, "lambda": lam,
-                     "marginal": math.sqrt(v_sampling), "target": sigma})
-        c, v = A * c, A * A * v + B2
-    return rows, math.sqrt(c * c * s2 + v)
-
 
 def measure(s2, mult=1.0, eps_scale=None, respacing="10", **kwargs):
     diffusion = gaussian_diffusion(respacing)
@@ -217,20 +158,6 @@ def test_ddim_chains_match_the_closed_form():
 # ------------------------------------------------------------------ the chains are the sampler's
 
 
-def tiny_unet_and_diffusion():
-    from guided_diffusion import script_util as su
-
-    flags = dict(su.model_and_diffusion_defaults(), image_size=8, num_channels=32, num_res_blocks=1,
-                 channel_mult="1,2", attention_resolutions="4", num_head_channels=16, diffusion_steps=40,
-                 noise_schedule="cosine", learn_sigma=True, timestep_respacing="5")
-    torch.manual_seed(1)
-    model, diffusion = su.create_model_and_diffusion(**flags)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval(), diffusion
-
-
 @pytest.mark.parametrize("use_ddim", [False, True])
 def test_chains_are_what_the_sampling_loop_draws_whatever_the_batch_size(use_ddim):
     model, diffusion = tiny_unet_and_diffusion()
@@ -341,19 +268,6 @@ def run_script(*flags):
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    model, _ = tiny_unet_and_diffusion()
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
-TINY_FLAGS = ["--image_size=8", "--num_channels=32", "--num_res_blocks=1", "--channel_mult=1,2",
-              "--attention_resolutions=4", "--num_head_channels=16", "--diffusion_steps=40",
-              "--noise_schedule=cosine", "--learn_sigma=True", "--timestep_respacing=5", "--progress=False"]
-
-
 def test_script_writes_baseline_es_and_calibrated_runs(tmp_path, tiny_checkpoint):
     proc = run_script(*TINY_FLAGS, f"--model_path={tiny_checkpoint}", "--data_dir=digits", "--num_images=12",
                       "--batch_size=5", "--eps_scale=1.02", "--calibrate=True", f"--output_dir={tmp_path}")
@@ -369,25 +283,6 @@ def test_script_writes_baseline_es_and_calibrated_runs(tmp_path, tiny_checkpoint
     assert len((tmp_path / "exposure_bias.csv").read_text().splitlines()) == 1 + 3 * 5
     assert (tmp_path / "exposure_bias.png").stat().st_size > 10000
     assert "calibrated lambda: uniform --eps_scale" in proc.stdout
-
-
-def run_in_process(script, flags, monkeypatch, capsys):
-    """A script's main as its command line runs it (exit status, stdout, stderr), without a new interpreter."""
-    import importlib.util
-
-    from guided_diffusion.script_util import cli_main
-
-    spec = importlib.util.spec_from_file_location(script.replace(".py", "_under_test"), ROOT / "scripts" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "argv", [script, *flags])
-    try:
-        cli_main(module.main)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_script_errors_are_one_line(tmp_path, tiny_checkpoint, monkeypatch, capsys):

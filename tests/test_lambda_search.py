@@ -6,15 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_exposure_bias import (  # noqa: F401  (fixtures are used by name)
+from gaussian_chains import (
     TINY_FLAGS,
     GaussianEps,
     closed_form,
     gaussian_data,
     gaussian_diffusion,
-    one_thread,
     run_in_process,
-    tiny_checkpoint,
     tiny_unet_and_diffusion,
 )
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from guided_diffusion.speed import AUTOCAST_REL_TOL, FLOAT32_ATOL, optimize_for_sampling, parse_autocast_dtype
-from test_diffusion import assert_loop_close, golden_diffusion, golden_network
+from adm_reference import assert_loop_close, golden_diffusion, golden_network
 
 ROOT = Path(__file__).resolve().parents[1]
 
