@@ -1,14 +1,13 @@
 """ADM's .npz batches read and written a batch of images at a time.
 
 ``arr_0`` (uint8 [N, H, W, 3]) is read straight from its zip member with NumPy's .npy header
-reader, so 50k images at 512 px never sit in memory together; the same goes for writing a
-reference batch. Reference batches may also hold precomputed statistics (mu, sigma, mu_s,
+reader, so 50k images at 512 px never sit in memory together (reference batches are written the
+same way, by guided_diffusion.file_util.NpzWriter). Reference batches may also hold precomputed statistics (mu, sigma, mu_s,
 sigma_s), which ADM's evaluator uses instead of recomputing them.
 """
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import numpy as np
 
 from evaluations.feature_statistics import FIDStatistics
 from evaluations.inception import image_batch_problem
-from guided_diffusion.file_util import temp_path_for
 
 IMAGES_MEMBER = "arr_0.npy"
 STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
@@ -109,50 +107,3 @@ def read_stored_statistics(path) -> tuple[FIDStatistics, FIDStatistics] | None:
             return FIDStatistics(data["mu"], data["sigma"]), FIDStatistics(data["mu_s"], data["sigma_s"])
         except ValueError as exc:
             raise ValueError(f"{path}: stored {exc}") from None
-
-
-class NpzWriter:
-    """Writes an .npz member by member (stored, as np.savez) into a temporary file.
-
-    Used as a context manager: the file appears at ``path`` only when the block ends without an
-    error; otherwise the temporary file is removed and nothing half-written is left.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self._partial = temp_path_for(self.path)
-        self._zip = zipfile.ZipFile(self._partial, "w", zipfile.ZIP_STORED, allowZip64=True)
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-
-    def add_streamed(self, name: str, shape: tuple, dtype, batches):
-        """Write array ``name`` of the given shape from ``batches`` (split along axis 0).
-
-        Yields each batch after writing it, so the caller can use it too; checks the row count.
-        """
-        descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-        header = {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
-        written = 0
-        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array_header_1_0(member, header)
-            for batch in batches:
-                batch = np.ascontiguousarray(batch, dtype=dtype)
-                if batch.shape[1:] != tuple(shape[1:]):
-                    raise ValueError(f"{name}: batch of shape {batch.shape} does not fit array of shape {shape}")
-                member.write(batch.tobytes())
-                written += len(batch)
-                yield batch
-        if written != shape[0]:
-            raise ValueError(f"{name}: wrote {written} rows, the header promised {shape[0]}")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, traceback):
-        self._zip.close()
-        if exc_type is None:
-            os.replace(self._partial, self.path)
-        else:
-            self._partial.unlink(missing_ok=True)

@@ -18,7 +18,8 @@ from PIL import Image
 
 from evaluations.activations import compute_activations
 from evaluations.inception import InceptionFeatures
-from evaluations.npz_stream import NpzImages, NpzWriter
+from evaluations.npz_stream import NpzImages
+from guided_diffusion.file_util import NpzWriter
 from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files_recursively
 
 

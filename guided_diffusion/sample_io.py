@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .file_util import atomic_write_text, sha256_file, temp_path_for
+from .file_util import NpzWriter, atomic_write_text, sha256_file, temp_path_for
 
 # Independent random streams of one image.
 STREAM_NOISE = 0  # initial x_T and every per-step noise, in the order the sampler asks
@@ -105,7 +105,6 @@ NON_IMAGE_SETTINGS = frozenset(
 )
 
 _SHARD_RE = re.compile(r"^shard-(\d{8,})-(\d{8,})\.npz$")
-_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 class SampleRun:
@@ -239,37 +238,31 @@ class SampleRun:
         if expected < self.num_samples:
             raise RuntimeError(f"images from index {expected} are missing in {self.shard_dir}; rerun to finish")
         shards = [s for s in shards if s[0] < self.num_samples]
-        tmp = temp_path_for(self.final_path)
         n = self.num_samples
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            self._write_member(zf, "arr_0.npy", np.dtype(np.uint8), (n, *self.image_shape),
-                               (np.load(p)["images"] for _, _, p in shards))
+        with NpzWriter(self.final_path) as writer:
+            deque(writer.add_streamed("arr_0", (n, *self.image_shape), np.uint8,
+                                      _first_rows((np.load(p)["images"] for _, _, p in shards), n)), maxlen=0)
             if self.class_cond:
-                self._write_member(zf, "arr_1.npy", np.dtype(np.int64), (n,),
-                                   (np.load(p)["labels"] for _, _, p in shards))
+                deque(writer.add_streamed("arr_1", (n,), np.int64,
+                                          _first_rows((np.load(p)["labels"] for _, _, p in shards), n)), maxlen=0)
+        # The NPZ first, then its sidecar: a run stopped in between is not complete and redoes this.
         record = dict(sidecar)
         record.update(num_samples=n, image_shape=list(self.image_shape), npz=self.final_path.name,
-                      npz_sha256=sha256_file(tmp))
-        atomic_write_text(self.sidecar_path.with_name(self.sidecar_path.name + ".pending"),
-                           json.dumps(_jsonable(record), indent=1, sort_keys=True))
-        os.replace(tmp, self.final_path)
-        os.replace(self.sidecar_path.with_name(self.sidecar_path.name + ".pending"), self.sidecar_path)
+                      npz_sha256=sha256_file(self.final_path))
+        atomic_write_text(self.sidecar_path, json.dumps(_jsonable(record), indent=1, sort_keys=True))
         if not self.keep_shards:
             for _, _, p in shards:
                 p.unlink(missing_ok=True)
         return self.final_path
 
-    def _write_member(self, zf, name, dtype, shape, chunks):
-        remaining = shape[0]
-        info = zipfile.ZipInfo(name, date_time=_FIXED_ZIP_TIME)
-        with zf.open(info, "w", force_zip64=True) as member:
-            np.lib.format.write_array_header_1_0(
-                member, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-            )
-            for chunk in chunks:
-                chunk = np.ascontiguousarray(chunk[:remaining], dtype=dtype)
-                member.write(chunk.tobytes())
-                remaining -= len(chunk)
+
+def _first_rows(chunks, count: int):
+    """The chunks, cut after ``count`` rows in all."""
+    for chunk in chunks:
+        if count <= 0:
+            return
+        yield chunk[:count]
+        count -= len(chunk)
 
 
 def _jsonable(value):
