@@ -38,8 +38,10 @@ def _local_world_size(world: int) -> int:
 def share_cpu_cores(world: int) -> None:
     """On a CPU, give each of this node's ranks its share of the cores this process may use.
 
-    Without it, mpirun -n 2 on 2 cores runs 2 x 2 threads, and oversubscribed oneDNN/OpenMP
-    threads wait for each other: 10 to 100 times slower here. An explicit OMP_NUM_THREADS wins.
+    Launchers differ: torchrun sets OMP_NUM_THREADS=1, Open MPI here leaves OpenMP one thread per
+    rank, others let every rank take every core. Oversubscribed OpenMP threads wait for each
+    other: 2 ranks x 2 threads on 2 cores sample the CIFAR-10 network 2.7 times slower than
+    2 x 1 (benchmarks/RESULTS.md). An explicit OMP_NUM_THREADS wins.
     """
     if world <= 1 or "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
         return
