@@ -48,6 +48,7 @@ from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise
 __all__ = [
     "SCALABLE_SCHEDULERS",
     "SCHEDULER_FLAGS",
+    "UNetNetwork",
     "aligned_networks",
     "apply_eps_scaling",
     "eps_scaling",
@@ -296,40 +297,67 @@ def _global_rng_states(device: torch.device) -> list[torch.Tensor]:
     return states
 
 
-def _aligned_method(method, indices: Sequence[int], chunk: int):
-    """A diffusers model method ``method(x, [t], return_dict=...)`` that runs on AlignedNetwork's chunks.
+class UNetNetwork(torch.nn.Module):
+    """A diffusers UNet as ``net(x, t, **kwargs) -> tensor``: the network interface that
+    ``speed.optimize_for_sampling`` (and so ``sampling.sampling_network``) wraps.
 
-    The replacement answers as the method does: its output class (UNet2DOutput, DecoderOutput)
-    with the joined ``sample``, or the tuple ``(sample,)`` under return_dict=False.
+    It calls the UNet's ``forward`` as it is when wrapped, so that ``aligned_networks`` can put
+    its chunking in place of the UNet's own forward while sampling.
     """
-    output_class = []
 
-    def network(x, t, **kwargs):
-        out = method(x, return_dict=True, **kwargs) if t is None else method(x, t, return_dict=True, **kwargs)
-        output_class[:] = [type(out)]
-        return out.sample
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self._unet_forward = unet.forward
+        self.training = unet.training  # the UNet's mode, as loaded pipelines have it (eval)
 
+    def forward(self, x, t, **kwargs):
+        return self._unet_forward(x, t, return_dict=False, **kwargs)[0]
+
+
+class _ModelOutput(tuple):
+    """What a diffusers model call returns, as pipelines read it: ``out.sample`` or ``out[0]``."""
+
+    @property
+    def sample(self):
+        return self[0]
+
+
+def _aligned_call(network, indices: Sequence[int], chunk: int):
+    """A replacement for a diffusers model method called as ``method(x, [t], return_dict=...)``
+    that runs ``network(x, t, **kwargs) -> tensor`` on AlignedNetwork's chunks."""
     aligned = AlignedNetwork(network, indices, chunk)
 
     def call(x, t=None, return_dict=True, **kwargs):
         sample = aligned(x, t, **kwargs)
-        return output_class[0](sample=sample) if return_dict else (sample,)
+        return _ModelOutput((sample,)) if return_dict else (sample,)
 
     return call
 
 
 @contextlib.contextmanager
-def aligned_networks(pipe, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_BATCH) -> Iterator:
+def aligned_networks(pipe, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_BATCH, unet_network=None) -> Iterator:
     """While sampling images ``indices``, run the pipeline's UNet and its autoencoder's decoder
     on index-aligned chunks of ``chunk`` images (``sample_io.AlignedNetwork``), so that no pixel
-    depends on the batch size: kernels round differently for other batch shapes."""
+    depends on the batch size: kernels round differently for other batch shapes.
+
+    ``unet_network`` (``x, t, **kwargs -> tensor``, such as ``sampling_network(UNetNetwork(unet))``
+    with speed switches) replaces the plain UNet call.
+    """
+    networks = []
+    unet = getattr(pipe, "unet", None)
+    if isinstance(unet, torch.nn.Module):
+        networks.append((unet, "forward", unet_network or UNetNetwork(unet)))
+    for name in ("vqvae", "vae"):
+        decoder = getattr(pipe, name, None)
+        if isinstance(decoder, torch.nn.Module) and callable(getattr(decoder, "decode", None)):
+            decode = decoder.decode
+            networks.append((decoder, "decode", lambda z, _t, decode=decode: decode(z, return_dict=False)[0]))
     patched = []
     try:
-        for name, method in (("unet", "forward"), ("vqvae", "decode"), ("vae", "decode")):
-            module = getattr(pipe, name, None)
-            if isinstance(module, torch.nn.Module) and callable(getattr(module, method, None)):
-                patched.append((module, method, vars(module).get(method)))
-                setattr(module, method, _aligned_method(getattr(module, method), indices, chunk))
+        for module, method, network in networks:
+            patched.append((module, method, vars(module).get(method)))
+            setattr(module, method, _aligned_call(network, indices, chunk))
         yield
     finally:
         for module, method, previous in reversed(patched):
@@ -340,20 +368,20 @@ def aligned_networks(pipe, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_
 
 
 def sample_images(pipe, seed: int, indices: Sequence[int], num_steps: int,
-                  network_batch: int = DEFAULT_NETWORK_BATCH, **call_kwargs) -> torch.Tensor:
+                  network_batch: int = DEFAULT_NETWORK_BATCH, unet_network=None, **call_kwargs) -> torch.Tensor:
     """Images ``indices`` of a run as an NCHW tensor in [-1, 1]; image i depends on (seed, i) alone.
 
     The pipeline gets one generator per image (``sample_io``'s noise stream of that image), and
     diffusers draws row j of the initial noise and of every step's noise from generator j. Its
     networks run on chunks of ``network_batch`` images aligned to the image index
-    (``aligned_networks``), so the pixels do not depend on the batch size or the rank count
-    either. A pipeline that still draws from torch's global generator (LDMPipeline with a
+    (``aligned_networks``; ``unet_network`` as there), so the pixels do not depend on the batch
+    size or the rank count either. A pipeline that still draws from torch's global generator (LDMPipeline with a
     stochastic scheduler) or never calls ``scale_model_input`` (Euler under DDPMPipeline) is refused.
     """
     scheduler = pipe.scheduler
     before = _global_rng_states(pipe.device)
     try:
-        with torch.no_grad(), aligned_networks(pipe, indices, network_batch):
+        with torch.no_grad(), aligned_networks(pipe, indices, network_batch, unet_network):
             images = pipe(
                 batch_size=len(indices), generator=ImageNoise(seed, indices).generators,
                 num_inference_steps=num_steps, output_type="np", **call_kwargs,

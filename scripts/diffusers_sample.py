@@ -59,10 +59,11 @@ def main():
                f"epsilon scaling: {schedule} [{source}]")
     weights_sha256 = diffusers_es.pipeline_weights_sha256(pipe)
     pipe.to(dist_util.dev())
+    unet_network = sampling.sampling_network(diffusers_es.UNetNetwork(pipe.unet), args)
 
     def sample_batch(indices):
         images = diffusers_es.sample_images(pipe, args.seed, indices, args.steps, args.network_batch_size,
-                                            **call_kwargs)
+                                            unet_network, **call_kwargs)
         return images, None
 
     scheduler_config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}

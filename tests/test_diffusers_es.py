@@ -23,6 +23,7 @@ diffusers = pytest.importorskip(
 )
 
 from guided_diffusion.diffusers_es import (  # noqa: E402
+    UNetNetwork,
     apply_eps_scaling,
     eps_scaling,
     image_shape,
@@ -36,6 +37,7 @@ from guided_diffusion.diffusers_es import (  # noqa: E402
 )
 from guided_diffusion.eps_scaling import EpsScaleError  # noqa: E402
 from guided_diffusion.sample_io import image_generator  # noqa: E402
+from guided_diffusion.speed import optimize_for_sampling  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -572,6 +574,18 @@ def test_sample_images_runs_the_networks_on_aligned_chunks_and_is_bit_identical_
     assert pipe.unet.forward is spies[0]
 
 
+def test_sample_images_runs_the_unet_behind_the_speed_switches():
+    pipe = tiny_ldm()
+    plain = sample_images(pipe, 5, [0, 1, 2], 3, network_batch=4, eta=0.0)
+    default = optimize_for_sampling(UNetNetwork(pipe.unet))  # fused attention, inference mode
+    assert torch.equal(sample_images(pipe, 5, [0, 1, 2], 3, 4, default, eta=0.0), plain)
+    calls = []
+    faster = optimize_for_sampling(UNetNetwork(tiny_ldm().unet), channels_last=True, autocast_dtype="bf16")
+    images = sample_images(pipe, 5, [0, 1, 2], 3, 4, lambda x, t: calls.append(x.shape[0]) or faster(x, t), eta=0.0)
+    assert calls == [4] * 3 and images.shape == plain.shape
+    assert 0 < (images - plain).abs().max() < 0.2  # bfloat16 convolutions: close, not equal
+
+
 def test_sample_images_latent_pipeline_shape_and_per_image_noise():
     pipe = tiny_ldm()
     assert image_shape(pipe) == (16, 16, 3)
@@ -664,6 +678,11 @@ def test_script_writes_adm_npz_per_image_and_resumes(saved_ddpm, tmp_path):
     proc = run_script(*[f.replace(str(out), str(other)).replace("--batch_size=2", "--batch_size=3") for f in flags])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (other / npz.name).read_bytes() == first  # the same bytes whatever the batch size
+    fast = tmp_path / "channels_last"
+    proc = run_script(*[f.replace(str(out), str(fast)) for f in flags], "--channels_last=True")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.abs(np.load(fast / npz.name)["arr_0"].astype(int) - images.astype(int)).max() <= 1
+    assert json.loads((fast / npz.name).with_suffix(".json").read_text())["channels_last"] is True
 
     proc = run_script(*[f for f in flags if not f.startswith("--eps_scale")], "--eps_scale=1.0")
     assert proc.returncode == 2 and "error:" in proc.stderr and "other settings" in proc.stderr
