@@ -1012,7 +1012,65 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _strip_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """``argv`` without the given flags (as ``--flag value`` or ``--flag=value``)."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in names:
+            skip = True
+        elif not item.startswith(tuple(f"{n}=" for n in names)):
+            out.append(item)
+    return out
+
+
+def run_processes(args, argv: list[str]) -> None:
+    """The same run in ``args.processes`` processes at once, each on its share of the cores: the
+    layout ``mpirun -n N`` samples with on a CPU. Each process measures its own peak in its own
+    rounds; the report gathers them and adds up the machine's images/s per variant."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = args.threads or max(1, cores // args.processes)
+    child = _strip_flags(argv, ("--processes", "--threads", "--json", "--markdown"))
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [subprocess.Popen([sys.executable, __file__, *child, "--processes=1", f"--threads={threads}",
+                                   f"--json={Path(tmp) / f'process{k}.json'}"])
+                 for k in range(args.processes)]
+        codes = [proc.wait() for proc in procs]
+        if any(codes):
+            raise RuntimeError(f"a measuring process failed (exit codes {codes}); see its output above")
+        runs = [json.loads((Path(tmp) / f"process{k}.json").read_text()) for k in range(args.processes)]
+    total: dict[str, float] = {}
+    for run in runs:
+        for row in run["forward"]:
+            if "skipped" not in row:
+                key = f"{row['config']} batch {row['batch']} {row['variant']}"
+                total[key] = total.get(key, 0.0) + row["images_per_s"]
+    lines = [f"# {args.title}: {args.processes} processes at once, {threads} thread(s) each", "",
+             "## Machine throughput (images/s, all processes together)", "",
+             *_table(["forward", "images/s"], sorted(total.items())), "## Targets, per process", ""]
+    for k, run in enumerate(runs):
+        lines += [f"- process {k}: {line}" for line in target_lines(run)]
+    lines.append("")
+    summary = list(lines)
+    for k, run in enumerate(runs):
+        lines += [render_markdown(run).replace("\n#", "\n##").replace("# ", f"## Process {k}: ", 1), ""]
+    combined = dict(title=args.title, processes=args.processes, threads=threads, total_images_per_s=total, runs=runs)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(combined, indent=1, default=str))
+    if args.markdown:
+        atomic_write_text(args.markdown, "\n".join(lines))
+    print("\n".join(summary))
+
+
 def cmd_run(args) -> None:
+    if args.processes < 1:
+        raise su.UsageError(f"--processes must be at least 1, got {args.processes}")
+    if args.processes > 1:
+        if _device(args.device).type != "cpu":
+            raise su.UsageError("--processes splits a CPU's cores; on a GPU measure one process (--processes 1)")
+        run_processes(args, args.argv)
+        return
     if args.threads is not None:
         if args.threads < 1:
             raise su.UsageError(f"--threads must be at least 1, got {args.threads}")
@@ -1169,6 +1227,8 @@ def main(argv=None) -> None:
     run.add_argument("--device", default="auto", help="cpu, cuda or auto")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads (torch.set_num_threads); 1 per process for one process per core")
+    run.add_argument("--processes", type=int, default=1,
+                     help="run in this many processes at once, each on cores/N threads (mpirun's CPU layout)")
     run.add_argument("--variants", default="eager,sdpa,inference,channels_last,bf16,sdpa+inference+channels_last",
                      help="comma-separated, starting with eager")
     run.add_argument("--sampling_variants", default="", help="variants for whole-sampling runs (none if empty)")
@@ -1203,6 +1263,7 @@ def main(argv=None) -> None:
     nccl.set_defaults(fn=cmd_nccl_check)
 
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError, su.UsageError) as exc:

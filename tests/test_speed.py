@@ -7,6 +7,7 @@ without one, and benchmarks/gpu_check.sh checks them on the real configurations.
 """
 
 import copy
+import json
 import functools
 import importlib.util
 import sys
@@ -274,3 +275,24 @@ def test_script_check_rows_render_as_a_table():
     text = b.render_markdown(dict(title="t", script_checks=rows))
     assert "| plain | 4 | 8.3 | yes | yes | 0 | 0 |  |" in text
     assert "| cuda_graphs | 4 | 1 | NO | - | - | - | error: --cuda_graphs True needs a CUDA GPU |" in text
+
+
+def test_strip_flags_removes_both_spellings():
+    b = bench()
+    argv = ["run", "--processes", "2", "--threads=1", "--json", "a.json", "--configs=tiny", "--markdown=m.md"]
+    assert b._strip_flags(argv, ("--processes", "--threads", "--json", "--markdown")) == ["run", "--configs=tiny"]
+
+
+def test_processes_run_the_same_measurement_at_once_and_add_up_the_machine(tmp_path):
+    b = bench()
+    b.main(["run", "--configs=tiny", "--batch_sizes=2", "--variants=eager", "--repeats=1", "--min_seconds=0",
+            "--device=cpu", "--processes=2", f"--json={tmp_path / 'r.json'}", f"--markdown={tmp_path / 'r.md'}"])
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["processes"] == 2 and len(record["runs"]) == 2
+    rates = [run["forward"][0]["images_per_s"] for run in record["runs"]]
+    assert record["total_images_per_s"]["tiny batch 2 eager"] == pytest.approx(sum(rates))
+    assert all(run["machine"]["torch_threads"] == record["threads"] for run in record["runs"])
+    assert "## Process 1: " in (tmp_path / "r.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        b.main(["run", "--configs=tiny", "--processes=0"])
+    assert exit_info.value.code == 2
