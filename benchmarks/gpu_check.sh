@@ -7,9 +7,9 @@
 # synchronisations inside the sampling loop; runs scripts/image_sample.py with the speed switches
 # (CUDA graphs, fp16) and at two batch sizes (are the bytes equal on a GPU too?); runs a 2-rank
 # nccl all_reduce through torchrun when the machine has 2 or more GPUs; and measures the
-# ImageNet-64 and CIFAR-10 forward and sampling
-# throughput at two batch sizes each. Writes $OUT/gpu_results.md and $OUT/gpu_results.json (plus
-# nccl.json and gpu_check.log). Without CUDA it runs the same code on the CPU with a tiny model.
+# ImageNet-64 and CIFAR-10 forward and sampling throughput at two batch sizes each. Writes
+# $OUT/gpu_results.md and $OUT/gpu_results.json (plus nccl.json and gpu_check.log). Without CUDA it
+# runs the same code on the CPU with a tiny model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}"
