@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Measure the checkout this file belongs to, whichever copy of the package is installed.
 sys.path.insert(0, str(ROOT))
 
+from guided_diffusion import dist_util  # noqa: E402
 from guided_diffusion import script_util as su  # noqa: E402
 from guided_diffusion.file_util import atomic_write_text  # noqa: E402
 from guided_diffusion.sample_io import ImageNoise, image_labels  # noqa: E402
@@ -200,11 +201,7 @@ class Workload:
         return model.eval()
 
     def diffusion(self, steps: int):
-        f = self.flags
-        return su.create_gaussian_diffusion(
-            steps=f["diffusion_steps"], learn_sigma=f["learn_sigma"], noise_schedule=f["noise_schedule"],
-            timestep_respacing=str(steps), eps_scale=self.eps_scale,
-        )
+        return su.diffusion_from_flags(self.flags, str(steps), self.eps_scale)
 
     def inputs(self, batch: int, device: torch.device, seed: int = 1):
         """Network inputs x, t and kwargs (labels y when class-conditional), drawn on the CPU."""
@@ -1029,8 +1026,7 @@ def run_processes(args, argv: list[str]) -> None:
     """The same run in ``args.processes`` processes at once, each on its share of the cores: the
     layout ``mpirun -n N`` samples with on a CPU. Each process measures its own peak in its own
     rounds; the report gathers them and adds up the machine's images/s per variant."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = args.threads or max(1, cores // args.processes)
+    threads = args.threads or max(1, dist_util.usable_cores() // args.processes)
     child = _strip_flags(argv, ("--processes", "--threads", "--json", "--markdown"))
     with tempfile.TemporaryDirectory() as tmp:
         procs = [subprocess.Popen([sys.executable, __file__, *child, "--processes=1", f"--threads={threads}",
@@ -1194,8 +1190,6 @@ def cmd_gpu_check(args) -> None:
 def cmd_nccl_check(args) -> None:
     """all_reduce of each rank's number over nccl; rank 0 writes what every rank saw."""
     import torch.distributed as dist
-
-    from guided_diffusion import dist_util
 
     dist_util.setup_dist()
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -31,6 +31,10 @@ else
 fi
 
 left=$((BUDGET_S - (SECONDS - started)))
+if [ "$left" -lt 40 ]; then
+    echo "gpu_check: BUDGET_S=$BUDGET_S leaves ${left} s after the nccl check; give it 40 s or more" >&2
+    exit 2
+fi
 # The Python side stops starting new measurements 30 s before its share ends; timeout is the backstop.
 timeout "$left" "$PY" benchmarks/bench_sampling.py gpu-check --out "$OUT" --deadline_s $((left - 30)) 2>&1 \
     | grep --line-buffered -v '^USDT' | tee "$OUT/gpu_check.log"

@@ -20,7 +20,12 @@ from evaluations.activations import compute_activations
 from evaluations.inception import InceptionFeatures
 from evaluations.npz_stream import NpzImages
 from guided_diffusion.file_util import NpzWriter
-from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, list_image_files_recursively
+from guided_diffusion.image_datasets import (
+    IMAGE_EXTENSIONS,
+    center_crop_arr,
+    choose_indices,
+    list_image_files_recursively,
+)
 
 
 class FolderImages:
@@ -105,15 +110,6 @@ def open_image_source(path):
     if path.suffix.lower() == ".zip":
         return ZipImages(path)
     raise ValueError(f"image source {path} must be a folder of images, a .zip of images or an .npz batch")
-
-
-def choose_indices(total: int, num_images: int, seed: int) -> np.ndarray:
-    """All images (num_images 0), or a seeded random subset of num_images, in source order."""
-    if num_images == 0 or num_images == total:
-        return np.arange(total)
-    if not 0 < num_images <= total:
-        raise ValueError(f"cannot take {num_images} images from a source of {total}")
-    return np.sort(np.random.default_rng(seed).choice(total, size=num_images, replace=False))
 
 
 @dataclass

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .sample_io import dequantize
+
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 FEATURES_FILE = ASSET_DIR / "digit_features.safetensors"
 FEATURE_DIM = 64
@@ -45,7 +47,7 @@ def to_network_input(images) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 NHWC images, got {images.dtype} of shape {images.shape}")
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = dequantize(images)
     else:
         x = images.float()
     x = x.mean(dim=1, keepdim=True)

@@ -23,19 +23,21 @@ import numpy as np
 import torch
 
 from . import exposure_bias as eb
+from .dist_util import dev
 from .checkpoints import load_model_weights
 from .digit_features import digit_features, load_digit_features
 from .digits import digits_arrays
 from .eps_scaling import EpsScale
 from .file_util import atomic_write_figure, atomic_write_text
 from .lambda_search import EvaluationCache, LambdaSearch, calibrate_eps_scale, frechet_score
-from .sample_io import quantize
+from .sample_io import dequantize, quantize
 from .sampling import batch_sampler
 from .script_util import (
     CONFIG_DIR,
     classifier_defaults,
     create_classifier,
     create_model_and_diffusion,
+    diffusion_from_flags,
     load_config,
     model_and_diffusion_defaults,
 )
@@ -43,7 +45,7 @@ from .script_util import (
 SEARCH_SEED = 100  # lambda is chosen on this seed; the table is scored on others
 
 
-def load_shipped(name: str, timestep_respacing: str = ""):
+def load_shipped(name: str):
     """A shipped network from its config: (network, diffusion or None)."""
     config = load_config(name)
     weights = CONFIG_DIR.parent / config["checkpoint_path"]
@@ -52,14 +54,15 @@ def load_shipped(name: str, timestep_respacing: str = ""):
         net = create_classifier(**{k: flags[k] for k in classifier_defaults()})
         diffusion = None
     else:
-        flags = {**model_and_diffusion_defaults(), **config["flags"], "timestep_respacing": timestep_respacing}
+        flags = {**model_and_diffusion_defaults(), **config["flags"]}
         net, diffusion = create_model_and_diffusion(**{k: flags[k] for k in model_and_diffusion_defaults()})
     load_model_weights(net, weights, image_size=flags["image_size"])
     return net.eval(), diffusion
 
 
 def respaced(name: str, steps: int):
-    return load_shipped(name, str(steps))[1]
+    """The diffusion of a shipped model, respaced to ``steps`` (no network is built)."""
+    return diffusion_from_flags(load_config(name)["flags"], str(steps))
 
 
 class DigitsBench:
@@ -73,8 +76,9 @@ class DigitsBench:
         images, self.labels = digits_arrays(8)
         self.reference = quantize(images)
         self.fd = frechet_score(lambda x: digit_features(self.features_net, x), self.reference)
-        self.models = {name: load_shipped(name)[0] for name in ("digits_uncond", "digits_cond")}
-        self.classifier = load_shipped("digits_classifier")[0]
+        # on the device batch_sampler draws its tensors on (dist_util.dev())
+        self.models = {name: load_shipped(name)[0].to(dev()) for name in ("digits_uncond", "digits_cond")}
+        self.classifier = load_shipped("digits_classifier")[0].to(dev())
 
     def sample(self, model_name: str, steps: int, schedule: EpsScale, seed: int, guidance: float = 0.0):
         """uint8 samples [n, 8, 8, 3] and their labels (None when unconditional and unguided)."""
@@ -90,7 +94,7 @@ class DigitsBench:
         for start in range(0, self.num_samples, self.batch_size):
             out, y = sample_batch(list(range(start, min(start + self.batch_size, self.num_samples))))
             images.append(quantize(out))
-            labels.append(None if y is None else y.numpy())
+            labels.append(None if y is None else y.cpu().numpy())
         return np.concatenate(images), (None if labels[0] is None else np.concatenate(labels))
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
@@ -172,7 +176,7 @@ def run_demo(output_dir="results/digits", num_samples=400, batch_size=400, seeds
     chosen = best.schedule
     log(f"searched lambda: {chosen} (digits FD {best.mean:.3f})")
 
-    data = torch.from_numpy(bench.reference[:256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    data = dequantize(bench.reference[:256])
     calibration = calibrate_eps_scale(respaced("digits_uncond", search_steps), bench.models["digits_uncond"], data,
                                       seed=SEARCH_SEED, batch_size=256)
     calibrated_fd = search.evaluate(calibration.uniform)

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoints import load_state_dict
 from .digit_features import FEATURES_FILE, train_digit_features
-from .file_util import temp_path_for
+from .file_util import atomic_write_safetensors
 from .script_util import load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,12 +36,8 @@ def _newest(folder: Path, pattern: str) -> Path:
 
 def export_half(state_dict: dict, dest: Path) -> None:
     """Write weights as float16 safetensors (the shipped models must stay small), atomically."""
-    from safetensors.torch import save_file
-
     half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state_dict.items()}
-    tmp = temp_path_for(dest)
-    save_file(half, str(tmp))
-    tmp.replace(dest)
+    atomic_write_safetensors(half, dest)
 
 
 def train_network(name: str, work_dir: Path, seed: int = 0, max_steps: int | None = None) -> Path:
@@ -67,13 +63,9 @@ def train_network(name: str, work_dir: Path, seed: int = 0, max_steps: int | Non
 
 def train_features(seed: int = 0) -> float:
     """Retrain the digit feature network; returns its held-out accuracy."""
-    from safetensors.torch import save_file
-
     net, accuracy = train_digit_features(seed=seed)
     FEATURES_FILE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(FEATURES_FILE)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.replace(FEATURES_FILE)
+    atomic_write_safetensors({k: v.contiguous() for k, v in net.state_dict().items()}, FEATURES_FILE)
     return accuracy
 
 

@@ -35,6 +35,11 @@ def _local_world_size(world: int) -> int:
     return world
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def share_cpu_cores(world: int) -> None:
     """On a CPU, give each of this node's ranks its share of the cores this process may use.
 
@@ -45,8 +50,7 @@ def share_cpu_cores(world: int) -> None:
     """
     if world <= 1 or "OMP_NUM_THREADS" in os.environ or torch.cuda.is_available():
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // _local_world_size(world)))
+    torch.set_num_threads(max(1, usable_cores() // _local_world_size(world)))
 
 
 def _free_port() -> int:

@@ -39,7 +39,8 @@ import torch
 from .eps_scaling import EpsScale, parse_eps_scale, scale_eps
 from .file_util import atomic_write_figure, atomic_write_text
 from .gaussian_diffusion import _model_device
-from .sample_io import STREAM_EXTRA, ImageNoise
+from .image_datasets import ImageDataset, choose_indices, class_indices_from_names, list_image_files_recursively
+from .sample_io import STREAM_EXTRA, ImageNoise, dequantize
 
 STEP_COLUMNS = (
     "t",
@@ -101,14 +102,10 @@ def _choose(total: int, num_images: int, seed: int, source) -> np.ndarray:
         raise ValueError(f"asked for {wanted} images but {source} holds {total}; lower --num_images")
     if wanted < 2:
         raise ValueError(f"a spread over chains needs at least 2 images, got {wanted}")
-    if wanted == total:
-        return np.arange(total)
-    return np.sort(np.random.default_rng(seed).choice(total, size=wanted, replace=False))
+    return choose_indices(total, wanted, seed)
 
 
 def _folder_images(path: Path, image_size, num_images, seed, with_labels):
-    from .image_datasets import ImageDataset, class_indices_from_names, list_image_files_recursively
-
     files = list_image_files_recursively(str(path))
     chosen = _choose(len(files), num_images, seed, path)
     dataset = ImageDataset(image_size, [files[i] for i in chosen], random_flip=False)
@@ -141,8 +138,7 @@ def _npz_images(path: Path, image_size, num_images, seed, with_labels):
             if "arr_1" not in data.files:
                 raise ValueError(f"{path} has no labels (arr_1), which a class-conditional model needs")
             labels = torch.from_numpy(data["arr_1"].astype(np.int64)[chosen])
-    images = torch.from_numpy(arr[chosen]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return images.contiguous(), labels
+    return dequantize(arr[chosen]).contiguous(), labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +288,7 @@ def run_chains(
                 "eps_norm_sampling": eps_norm_sampling,
                 "eps_norm_scaled": _mean_norm(scale_eps(eps, schedule, t, num_steps)),
                 "eps_norm_forward": eps_norm_forward,
-                "eps_norm_ratio": eps_norm_sampling / eps_norm_forward,
+                "eps_norm_ratio": eps_norm_sampling / eps_norm_forward if eps_norm_forward else math.nan,
             })
             x = torch.cat([
                 _step(diffusion, outputs[i], rows_of(x, i), t_of(i, t), schedule, chain_noise[i], kwargs[i],

@@ -53,6 +53,13 @@ def atomic_write_figure(fig, path, dpi: int = 110) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def atomic_write_safetensors(tensors: dict, path) -> None:
+    """Write ``tensors`` (name -> contiguous tensor) as a .safetensors file, all or nothing."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors))
+
+
 class NpzWriter:
     """Writes an .npz member by member (stored, as np.savez) into a temporary file.
 

@@ -211,3 +211,12 @@ def random_crop_arr(pil_image, image_size, min_crop_frac=0.8, max_crop_frac=1.0,
     top = rng.randrange(arr.shape[0] - image_size + 1)
     left = rng.randrange(arr.shape[1] - image_size + 1)
     return arr[top : top + image_size, left : left + image_size]
+
+
+def choose_indices(total: int, num_images: int, seed: int) -> np.ndarray:
+    """All images (num_images 0), or a seeded random subset of num_images, in source order."""
+    if num_images == 0 or num_images == total:
+        return np.arange(total)
+    if not 0 < num_images <= total:
+        raise ValueError(f"cannot take {num_images} images from a source of {total}")
+    return np.sort(np.random.default_rng(seed).choice(total, size=num_images, replace=False))

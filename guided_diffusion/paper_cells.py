@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 from .errors import UsageError
-from .script_util import load_config
+from .script_util import load_config, sampling_eps_scale
 
 VARIANTS = ("base", "es", "es-linear")
 
@@ -41,15 +41,8 @@ def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1,
     model_file = models / (config.get("checkpoint_file") or f"{name}.pt")
     commands.append(_download(config.get("checkpoint_url"), model_file, f"{name} checkpoint"))
 
-    if variant == "base":
-        eps = "1.0"
-    else:
-        kind = "linear" if variant == "es-linear" else "uniform"
-        table = (config.get("eps_scale") or {}).get(kind) or {}
-        eps = table.get(steps, table.get(str(steps)))
-        if eps is None:
-            published = sorted(int(k) for k in table) or "none"
-            raise UsageError(f"{name} has no published {kind} lambda for {steps} steps (published: {published})")
+    flag = {"base": "1.0", "es": "paper", "es-linear": "paper:linear"}[variant]
+    eps = str(sampling_eps_scale(flag, config, steps)[0])
 
     out_dir = work / name / f"{steps}steps-{variant}"
     flags = [

@@ -26,12 +26,17 @@ STREAM_LABEL = 1  # class label
 STREAM_EXTRA = 2  # anything else a sampler needs (e.g. EDM churn); never shared with noise
 
 
+def mixed_seed(*parts: int) -> int:
+    """A 64-bit seed from non-negative integers, well mixed so that nearby tuples are unrelated."""
+    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+    return int(state[0]) | (int(state[1]) << 32)
+
+
 def image_seed(seed: int, index: int, stream: int = STREAM_NOISE) -> int:
-    """A 64-bit seed for one image's stream, well mixed so that nearby (seed, i) are unrelated."""
+    """A 64-bit seed for one image's stream, a function of (seed, i, stream) alone."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and image index must be >= 0, got seed={seed}, index={index}")
-    state = np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(2, np.uint32)
-    return int(state[0]) | (int(state[1]) << 32)
+    return mixed_seed(seed, index, stream)
 
 
 def image_generator(seed: int, index: int, stream: int = STREAM_NOISE) -> torch.Generator:
@@ -97,6 +102,11 @@ def quantize(images: torch.Tensor) -> np.ndarray:
     """Model output in [-1, 1], NCHW -> uint8 NHWC, exactly as ADM's sample scripts round it."""
     out = ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8)
     return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def dequantize(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC images (as an NPZ holds them) -> float32 NCHW in [-1, 1], as the models see data."""
+    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 # Settings that change how a run is split up but not a single pixel of any image.

@@ -450,6 +450,22 @@ def sr_create_model(
     )
 
 
+def diffusion_from_flags(flags: dict, timestep_respacing: str = "", eps_scale=None):
+    """The diffusion that a model's flags (a config's ``flags``, ADM's defaults filled in) describe."""
+    flags = {**model_and_diffusion_defaults(), **flags}
+    return create_gaussian_diffusion(
+        steps=flags["diffusion_steps"],
+        learn_sigma=flags["learn_sigma"],
+        noise_schedule=flags["noise_schedule"],
+        use_kl=flags["use_kl"],
+        predict_xstart=flags["predict_xstart"],
+        rescale_timesteps=flags["rescale_timesteps"],
+        rescale_learned_sigmas=flags["rescale_learned_sigmas"],
+        timestep_respacing=timestep_respacing,
+        eps_scale=eps_scale,
+    )
+
+
 def create_gaussian_diffusion(
     *,
     steps=1000,

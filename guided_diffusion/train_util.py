@@ -34,6 +34,7 @@ from .file_util import temp_path_for
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
+from .sample_io import mixed_seed
 
 _STEP_IN_NAME = re.compile(r"model(\d+)\.")
 _EMA_OR_OPT_NAME = re.compile(r"(ema_[\d.]+_|opt)\d+\.")
@@ -90,9 +91,9 @@ def save_atomic(obj, path) -> None:
 
 def seed_step(seed: int, rank: int, step: int) -> None:
     """Seed torch's and numpy's global RNGs (noise, timesteps, dropout) from (seed, rank, step)."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(2, np.uint32)
-    torch.manual_seed(int(state[0]) | (int(state[1]) << 32))
-    np.random.seed(state)
+    mixed = mixed_seed(seed, rank, step)
+    torch.manual_seed(mixed)
+    np.random.seed([mixed & 0xFFFFFFFF, mixed >> 32])
 
 
 def input_perturbed_losses(diffusion, model, x_start, t, gamma, model_kwargs=None, noise=None, perturbation=None):

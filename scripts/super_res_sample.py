@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, sampling
+from guided_diffusion.sample_io import dequantize
 from guided_diffusion.script_util import (
     UsageError,
     add_dict_to_argparser,
@@ -71,8 +72,7 @@ def main():
 
     def base_kwargs(indices):
         rows = [i % len(images) for i in indices]
-        low_res = torch.from_numpy(images[rows]).to(device).float() / 127.5 - 1
-        kwargs = {"low_res": low_res.permute(0, 3, 1, 2)}
+        kwargs = {"low_res": dequantize(images[rows]).to(device)}
         if labels is not None:
             kwargs["y"] = torch.from_numpy(labels[rows]).to(device)
         return kwargs
