@@ -82,7 +82,8 @@ class Conv2d(nn.Module):
         w_pad = 0 if w is None else w.shape[-1] // 2
         f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
         if self.fused_resample and w is not None and self.up:
-            x = F.conv2d(self._upsample(x, f, w_pad + f_pad), w)
+            # the transposed filter and the convolution share the padding: output 2H x 2W
+            x = F.conv2d(self._upsample(x, f, max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
         elif self.fused_resample and w is not None and self.down:
             x = F.conv2d(x, w, padding=w_pad + f_pad)
             x = F.conv2d(x, f.tile(self.out_channels, 1, 1, 1), groups=self.out_channels, stride=2)

@@ -103,6 +103,8 @@ class NpzWriter:
     def __exit__(self, exc_type, exc, traceback):
         self._zip.close()
         if exc_type is None:
+            with open(self._partial, "rb") as f:
+                os.fsync(f.fileno())  # on disk before the name says it is complete
             os.replace(self._partial, self.path)
         else:
             self._partial.unlink(missing_ok=True)

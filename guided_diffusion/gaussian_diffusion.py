@@ -146,13 +146,22 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         )
+        # Arrays the per-step code reads, made once so each is uploaded to a device once.
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        # fixed-large variance: beta_t, except at t = 0 where the posterior variance gives a better decoder
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        # x_0 from x_{t-1} as ADM inverts the posterior mean: 1/coef1 * x_{t-1} - coef2/coef1 * x_t
+        self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
 
     # ------------------------------------------------------------------ forward process
 
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0)."""
         mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(1.0 - self.alphas_cumprod, t, x_start.shape)
+        variance = _extract_into_tensor(self.one_minus_alphas_cumprod, t, x_start.shape)
         log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
@@ -219,15 +228,13 @@ class GaussianDiffusion:
                 model_log_variance = var_values
             else:
                 min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(np.log(self.betas), t, x.shape)
+                max_log = _extract_into_tensor(self.log_betas, t, x.shape)
                 frac = (var_values + 1) / 2
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = th.exp(model_log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # beta_t, except at t = 0 where the posterior variance gives a better decoder.
-                variance = np.append(self.posterior_variance[1], self.betas[1:])
-                log_variance = np.log(variance)
+                variance, log_variance = self.fixed_large_variance, self.fixed_large_log_variance
             else:
                 variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
             model_variance = _extract_into_tensor(variance, t, x.shape)
@@ -285,8 +292,9 @@ class GaussianDiffusion:
         if x_t.shape != xprev.shape:
             raise ValueError(f"xprev shape {tuple(xprev.shape)} differs from x_t {tuple(x_t.shape)}")
         return (
-            xprev - _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
-        ) / _extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape)
+            _extract_into_tensor(self.recip_posterior_mean_coef1, t, x_t.shape) * xprev
+            - _extract_into_tensor(self.posterior_mean_coef2_over_coef1, t, x_t.shape) * x_t
+        )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return (

@@ -84,8 +84,9 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     max_period ** (-i / half) for i = 0 .. half-1; an odd `dim` gets a zero last column.
     """
     half = dim // 2
-    exponents = torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponents)
+    # ADM's order of operations, on the CPU: (-log P * i) / half, then exp. Dividing i by half
+    # first differs in the last bit when half is not a power of two (192-channel models).
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(timesteps.device)
     angles = timesteps[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     if dim % 2:

@@ -52,7 +52,12 @@ def space_timesteps(num_timesteps, section_counts):
                 f"each count must be between 1 and {size}"
             )
         stride = 1 if count == 1 else (size - 1) / (count - 1)
-        chosen += [start + round(j * stride) for j in range(count)]
+        # The position is a running sum of the stride, as ADM computes it: j * stride rounds
+        # differently for some counts (21 of 1000 steps: 500 where ADM takes 499).
+        position = 0.0
+        for _ in range(count):
+            chosen.append(start + round(position))
+            position += stride
         start += size
     return set(chosen)
 

@@ -18,7 +18,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .file_util import NpzWriter, atomic_write_text, sha256_file, temp_path_for
+from .errors import UsageError
+from .file_util import NpzWriter, atomic_write_text, sha256_file
 
 # Independent random streams of one image.
 STREAM_NOISE = 0  # initial x_T and every per-step noise, in the order the sampler asks
@@ -164,19 +165,28 @@ class SampleRun:
                 "choose a writable --output_dir"
             ) from None
         run_file = self.shard_dir / "run.json"
-        if run_file.exists():
-            earlier = json.loads(run_file.read_text())
-            if earlier != _jsonable(self.identity):
-                diff = sorted(k for k in set(earlier) | set(self.identity)
-                              if earlier.get(k) != _jsonable(self.identity).get(k))
-                raise ValueError(
-                    f"{self.output_dir} holds samples made with other settings (differing: "
-                    f"{', '.join(diff[:5])}); use another --output_dir or delete {self.shard_dir}"
-                )
-        else:
-            atomic_write_text(run_file, json.dumps(_jsonable(self.identity), indent=1, sort_keys=True))
+        mine = _jsonable(self.identity)
+        earlier = self._earlier_identity(run_file)
+        # Settings that made no image yet (a first batch that failed) do not hold the folder.
+        if earlier is not None and earlier != mine and (self.is_complete() or self.done_indices()):
+            diff = sorted(k for k in set(earlier) | set(mine) if earlier.get(k) != mine.get(k))
+            made = f"{self.shard_dir}" + (f" and {self.final_path.name} with its .json" if self.is_complete() else "")
+            raise ValueError(
+                f"{self.output_dir} holds samples made with other settings (differing: "
+                f"{', '.join(diff[:5])}); use another --output_dir or delete {made}"
+            )
+        if earlier != mine:
+            atomic_write_text(run_file, json.dumps(mine, indent=1, sort_keys=True))
         for stale in self.shard_dir.glob("*.tmp*"):
             stale.unlink(missing_ok=True)
+
+    def _earlier_identity(self, run_file: Path) -> dict | None:
+        """The settings the folder's images were made with: shards/run.json, else the finished sidecar."""
+        if run_file.exists():
+            return json.loads(run_file.read_text())
+        if self.is_complete():
+            return json.loads(self.sidecar_path.read_text()).get("run_identity")
+        return None
 
     def is_complete(self) -> bool:
         return self.final_path.exists() and self.sidecar_path.exists()
@@ -225,12 +235,9 @@ class SampleRun:
                 raise ValueError("a class-conditional run needs labels for every shard")
             arrays["labels"] = np.asarray(labels, dtype=np.int64).reshape(len(indices))
         path = self.shard_dir / f"shard-{indices[0]:08d}-{indices[-1]:08d}.npz"
-        tmp = temp_path_for(path)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with NpzWriter(path) as writer:
+            for name, array in arrays.items():
+                writer.add(name, array)
         return path
 
     def finish(self, sidecar: dict) -> Path:
@@ -246,7 +253,7 @@ class SampleRun:
                 break
             expected = last + 1
         if expected < self.num_samples:
-            raise RuntimeError(f"images from index {expected} are missing in {self.shard_dir}; rerun to finish")
+            raise UsageError(f"images from index {expected} are missing in {self.shard_dir}; rerun to finish")
         shards = [s for s in shards if s[0] < self.num_samples]
         n = self.num_samples
         with NpzWriter(self.final_path) as writer:
@@ -258,7 +265,7 @@ class SampleRun:
         # The NPZ first, then its sidecar: a run stopped in between is not complete and redoes this.
         record = dict(sidecar)
         record.update(num_samples=n, image_shape=list(self.image_shape), npz=self.final_path.name,
-                      npz_sha256=sha256_file(self.final_path))
+                      npz_sha256=sha256_file(self.final_path), run_identity=_jsonable(self.identity))
         atomic_write_text(self.sidecar_path, json.dumps(_jsonable(record), indent=1, sort_keys=True))
         if not self.keep_shards:
             for _, _, p in shards:

@@ -52,7 +52,7 @@ def load_network(factory, args, keys, path: str, what: str, image_size: int):
     net, extra = built if isinstance(built, tuple) else (built, None)
     sha = load_model_weights(net, path, image_size)
     net.to(dist_util.dev())
-    if getattr(args, "use_fp16", False) or getattr(args, "classifier_use_fp16", False):
+    if getattr(args, "use_fp16" if what == "model" else f"{what}_use_fp16", False):
         if dist_util.dev().type == "cuda":
             net.convert_to_fp16()
         else:
@@ -62,11 +62,13 @@ def load_network(factory, args, keys, path: str, what: str, image_size: int):
 
 
 def check_speed_flags(args) -> None:
-    """Refuse speed switches this machine cannot run, before anything is written."""
+    """Refuse network flags this machine cannot run (speed switches, chunk size), before anything is written."""
     try:
         parse_autocast_dtype(getattr(args, "autocast_dtype", None))
     except ValueError:
         raise UsageError(f"--autocast_dtype {args.autocast_dtype}: use none, bf16 or fp16") from None
+    if getattr(args, "network_batch_size", DEFAULT_NETWORK_BATCH) < 1:
+        raise UsageError(f"--network_batch_size must be at least 1, got {args.network_batch_size}")
     if getattr(args, "cuda_graphs", False) and not torch.cuda.is_available():
         raise UsageError("--cuda_graphs True needs a CUDA GPU and none is visible; leave --cuda_graphs False")
 
@@ -180,8 +182,12 @@ def sample_to_npz(args, settings: dict, sample_batch, image_shape, class_cond: b
     return path
 
 
+# Flags that only say where a file is; the run's settings carry the content's sha256 instead.
+LOCATION_FLAGS = ("model_path", "classifier_path", "config", "network", "base_samples", "model")
+
+
 def run_settings(args, **extra) -> dict:
     """Every flag, less the ones that only locate files, plus what identifies the weights."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("model_path", "classifier_path", "config")}
+    settings = {k: v for k, v in vars(args).items() if k not in LOCATION_FLAGS}
     settings.update(extra)
     return settings

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import sys
 from pathlib import Path
 
@@ -563,14 +562,28 @@ def load_config(name_or_path: str) -> dict:
     return config
 
 
+def _typed_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags in ``argv``, resolved as argparse resolves them: aliases
+    (--eps_scaler) and unambiguous abbreviations (--num_sample) included."""
+    options = {opt: action.dest for action in parser._actions for opt in action.option_strings}
+    dests = set()
+    for item in argv:
+        if not item.startswith("--"):
+            continue
+        name = item.split("=", 1)[0]
+        matches = {options[name]} if name in options else {d for o, d in options.items() if o.startswith(name)}
+        if len(matches) == 1:
+            dests |= matches
+    return dests
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv=None):
     """Parse flags where ``--config`` supplies defaults and flags given explicitly override them.
 
     Returns (args, config or None, set of flag names the user typed).
     """
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    explicit = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    explicit = _typed_dests(parser, sys.argv[1:] if argv is None else list(argv))
     config = None
     if getattr(args, "config", None):
         config = load_config(args.config)
@@ -591,8 +604,9 @@ def cli_main(main):
     try:
         main()
     except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        rank = os.environ.get("RANK") or os.environ.get("OMPI_COMM_WORLD_RANK") or "0"
-        if rank == "0":
+        from .dist_util import launcher_rank
+
+        if launcher_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

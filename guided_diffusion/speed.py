@@ -50,7 +50,7 @@ _DTYPE_NAMES = {
 
 def parse_autocast_dtype(value) -> torch.dtype | None:
     """None / 'none' / 'fp32' -> None; 'fp16', 'float16', torch.float16 -> float16; likewise bfloat16."""
-    if value is None or value in ("", "none", "fp32", "float32", torch.float32):
+    if value is None or value is torch.float32 or str(value).lower() in ("", "none", "fp32", "float32"):
         return None
     if isinstance(value, torch.dtype):
         if value in AUTOCAST_REL_TOL:

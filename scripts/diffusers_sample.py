@@ -71,7 +71,7 @@ def main():
         args, model_sha256=weights_sha256, eps_scale=str(schedule), pipeline=type(pipe).__name__,
         scheduler_class=type(scheduler).__name__, scheduler_config=scheduler_config,
     )
-    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(args.steps),
+    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(args.steps), model=args.model,
                    diffusers_version=diffusers.__version__, config=config["path"] if config else None)
     sampling.sample_to_npz(args, settings, sample_batch, diffusers_es.image_shape(pipe), False, sidecar)
 

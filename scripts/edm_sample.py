@@ -111,7 +111,6 @@ def main():
 
     identity = {k: v for k, v in facts.items() if k.endswith("sha256")}
     settings = sampling.run_settings(args, eps_scale=str(schedule), **identity)
-    settings.pop("network", None)
     sidecar = dict(
         settings, **facts, sampler="karras", eps_scale_source=source,
         eps_scale_values=schedule.values(args.num_steps),

@@ -23,5 +23,5 @@ if [ "$dry_run" = 1 ]; then
 fi
 while IFS= read -r command; do
   echo "+ $command" >&2
-  bash -c "$command"
+  bash -c "$command" </dev/null  # mpirun reads stdin: it must not take the remaining commands
 done <<< "$commands"

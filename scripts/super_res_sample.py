@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from guided_diffusion import dist_util, sampling
+from guided_diffusion.file_util import sha256_file
 from guided_diffusion.sample_io import dequantize
 from guided_diffusion.script_util import (
     UsageError,
@@ -80,9 +81,11 @@ def main():
     sample_batch = sampling.batch_sampler(model, diffusion, args, schedule, (3, args.large_size, args.large_size),
                                           extra_kwargs=base_kwargs)
 
-    settings = sampling.run_settings(args, model_sha256=sha, eps_scale=str(schedule))
+    settings = sampling.run_settings(args, model_sha256=sha, eps_scale=str(schedule),
+                                     base_samples_sha256=sha256_file(args.base_samples))
     sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(diffusion.num_timesteps),
-                   model_path=args.model_path, config=config["path"] if config else None)
+                   model_path=args.model_path, base_samples=args.base_samples,
+                   config=config["path"] if config else None)
     sampling.sample_to_npz(args, settings, sample_batch, (args.large_size, args.large_size, 3), args.class_cond,
                            sidecar)
 

@@ -105,6 +105,17 @@ def test_paper_lambda_is_used_unless_the_flag_is_given():
         su.sampling_eps_scale("paper", config, 37)
 
 
+def test_typed_flags_win_over_the_config_even_abbreviated_or_aliased():
+    parser = su.argparse.ArgumentParser()
+    su.add_dict_to_argparser(parser, dict(su.model_and_diffusion_defaults(), num_samples=10, batch_size=16))
+    su.add_sampling_args(parser)
+    args, _, typed = su.parse_args_with_config(
+        parser, ["--config", "imagenet64_cond", "--num_sample", "7", "--timestep_resp=20", "--eps_scaler", "1.01"])
+    # the config's sample_flags say num_samples 100, timestep_respacing 250, batch_size 4
+    assert (args.num_samples, args.timestep_respacing, args.batch_size) == (7, "20", 4)
+    assert {"num_samples", "timestep_respacing", "eps_scale", "config"} <= typed and "batch_size" not in typed
+
+
 def test_unknown_config_is_one_clear_error():
     with pytest.raises(UsageError, match="config 'imagenet65' not found; known configs: .*imagenet64_cond"):
         su.load_config("imagenet65")

