@@ -5,7 +5,6 @@ The scripts in scripts/ only declare their flags and call these functions.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from . import dist_util, logger
 from .checkpoints import SHAPE_FLAGS, infer_unet_flags, load_model_weights, load_state_dict
 from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise, SampleRun, image_labels, run_sampling
-from .script_util import UsageError, args_to_dict, sampling_eps_scale
+from .script_util import UsageError, args_to_dict, output_folder, sampling_eps_scale
 from .speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype
 
 
@@ -25,14 +24,7 @@ def start(args) -> None:
         raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if not args.output_dir:
-        args.output_dir = os.environ.get("OPENAI_LOGDIR") or "samples"
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write to output folder {args.output_dir} ({exc.strerror}); choose a writable --output_dir"
-        ) from None
+    args.output_dir = str(output_folder(args.output_dir, "samples"))
     dist_util.setup_dist()
     logger.configure(dir=args.output_dir)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from pathlib import Path
 
@@ -597,6 +598,18 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv=None):
         if shipped and hasattr(args, "model_path") and "model_path" not in explicit:
             args.model_path = str(CONFIG_DIR.parent / shipped)
     return args, config, explicit
+
+
+def output_folder(output_dir: str, default: str) -> Path:
+    """--output_dir, else $OPENAI_LOGDIR (ADM's), else ``default``: created, or one clear error."""
+    folder = Path(output_dir or os.environ.get("OPENAI_LOGDIR") or default)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to output folder {folder} ({exc.strerror}); choose a writable --output_dir"
+        ) from None
+    return folder
 
 
 def cli_main(main):

@@ -12,7 +12,6 @@ columns.
 """
 
 import argparse
-import os
 from pathlib import Path
 
 from guided_diffusion import sampling
@@ -26,11 +25,11 @@ from guided_diffusion.exposure_bias import (
 )
 from guided_diffusion.lambda_search import calibrate_eps_scale
 from guided_diffusion.script_util import (
-    UsageError,
     add_dict_to_argparser,
     cli_main,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    output_folder,
     parse_args_with_config,
     sampling_eps_scale,
 )
@@ -52,18 +51,9 @@ def create_argparser():
     return parser
 
 
-def output_folder(args) -> Path:
-    folder = Path(args.output_dir or os.environ.get("OPENAI_LOGDIR") or "exposure_bias")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write to output folder {folder} ({exc.strerror}); choose a writable --output_dir")
-    return folder
-
-
 def main():
     args, config, _ = parse_args_with_config(create_argparser())
-    folder = output_folder(args)
+    folder = output_folder(args.output_dir, "exposure_bias")
     images, labels = load_images(args.data_dir, args.image_size, args.num_images, args.seed,
                                  with_labels=args.class_cond)
     model, diffusion, sha = sampling.load_network(

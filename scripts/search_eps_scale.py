@@ -17,7 +17,6 @@ Prints the best schedules as --eps_scale values; writes search.json and search.p
 import argparse
 import functools
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from guided_diffusion.script_util import (
     cli_main,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
+    output_folder,
     parse_args_with_config,
 )
 
@@ -119,11 +119,7 @@ def main():
         warnings.filterwarnings("ignore", message="the covariance product is singular")
     seeds = parse_numbers(args.seeds, "seeds", int)
     b_range = parse_numbers(args.b_range, "b_range", count=2)
-    folder = Path(args.output_dir or os.environ.get("OPENAI_LOGDIR") or "eps_scale_search")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot write to output folder {folder} ({exc.strerror}); choose a writable --output_dir")
+    folder = output_folder(args.output_dir, "eps_scale_search")
     data_images = data_labels = None
     if args.data_dir:
         data_images, data_labels = load_images(args.data_dir, args.image_size, args.num_images, seed=0,
