@@ -101,8 +101,9 @@ def adopt_checkpoint_flags(args, path, image_size: int) -> None:
     logger.log("flags from the checkpoint's shapes: " + (", ".join(changed) or "all already agree"))
 
 
-def eps_schedule(args, config, diffusion):
-    schedule, source = sampling_eps_scale(args.eps_scale, config, diffusion.num_timesteps)
+def eps_schedule(args, config, num_steps: int, table: str | None = None):
+    """The run's lambda schedule (``script_util.sampling_eps_scale``), logged."""
+    schedule, source = sampling_eps_scale(args.eps_scale, config, num_steps, table)
     logger.log(f"epsilon scaling: {schedule} [{source}]")
     return schedule, source
 

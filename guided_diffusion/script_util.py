@@ -658,12 +658,13 @@ def add_sampling_args(parser) -> None:
     )
 
 
-def sampling_eps_scale(flag_value, config: dict | None, num_steps: int):
+def sampling_eps_scale(flag_value, config: dict | None, num_steps: int, table: str | None = None):
     """The lambda schedule of a sampling run and where it came from.
 
     ``flag_value`` None means: the config's published lambda for ``num_steps`` (uniform), when the
     config has one, else no scaling. ``paper`` / ``paper:linear`` ask for the published value
-    explicitly and fail when there is none.
+    explicitly and fail when there is none. ``table`` names the config's table of uniform lambdas
+    where it is not "uniform" (EDM's configs have one per solver: heun, euler).
     """
     from .eps_scaling import parse_eps_scale
 
@@ -679,16 +680,17 @@ def sampling_eps_scale(flag_value, config: dict | None, num_steps: int):
         schedule = parse_eps_scale(flag_value)
         schedule.validate(num_steps)
         return schedule, "--eps_scale"
-    table = ((config or {}).get("eps_scale") or {}).get(kind) or {}
-    value = table.get(num_steps, table.get(str(num_steps)))
+    name = table if table and kind == "uniform" else kind
+    published = ((config or {}).get("eps_scale") or {}).get(name) or {}
+    value = published.get(num_steps, published.get(str(num_steps)))
     if value is None:
         if required:
             where = config["path"] if config else "no --config"
             raise UsageError(
-                f"no published {kind} lambda for {num_steps} steps in {where}; "
-                f"published step counts: {sorted(int(k) for k in table) or 'none'}; pass --eps_scale VALUE"
+                f"no published {name} lambda for {num_steps} steps in {where}; "
+                f"published step counts: {sorted(int(k) for k in published) or 'none'}; pass --eps_scale VALUE"
             )
         return parse_eps_scale(None), "default (no scaling)"
     schedule = parse_eps_scale(value)
     schedule.validate(num_steps)
-    return schedule, f"paper ({Path(config['path']).name}, {kind}, {num_steps} steps)"
+    return schedule, f"paper ({Path(config['path']).name}, {name}, {num_steps} steps)"

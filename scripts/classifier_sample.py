@@ -47,7 +47,7 @@ def main():
         create_classifier, args, classifier_defaults().keys(), args.classifier_path, "classifier",
         args.image_size,
     )
-    schedule, source = sampling.eps_schedule(args, config, diffusion)
+    schedule, source = sampling.eps_schedule(args, config, diffusion.num_timesteps)
     sample_batch = sampling.batch_sampler(
         model, diffusion, args, schedule, (3, args.image_size, args.image_size),
         num_classes=args.num_classes, classifier=classifier, classifier_scale=args.classifier_scale,

@@ -32,7 +32,6 @@ from guided_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_args_with_config,
-    sampling_eps_scale,
 )
 
 
@@ -73,22 +72,12 @@ def load_denoiser(args):
     return ADMDenoiser.from_diffusion(sampling.sampling_network(model, args), diffusion), shape, num_classes, facts
 
 
-def eps_schedule(args, config):
-    """Lambda from --eps_scale, else the config's published value for this solver and step count."""
-    view = None
-    if config:
-        published = (config.get("eps_scale") or {}).get(args.solver) or {}
-        view = {"eps_scale": {"uniform": published}, "path": config["path"]}
-    schedule, source = sampling_eps_scale(args.eps_scale, view, args.num_steps)
-    logger.log(f"epsilon scaling: {schedule} [{source}]")
-    return schedule, source
-
-
 def main():
     args, config, _ = parse_args_with_config(create_argparser())
     sampling.start(args)
     denoiser, shape, num_classes, facts = load_denoiser(args)
-    schedule, source = eps_schedule(args, config)
+    # EDM's published lambdas are per solver and step count
+    schedule, source = sampling.eps_schedule(args, config, args.num_steps, table=args.solver)
     sampler_kwargs = dict(
         num_steps=args.num_steps, solver=args.solver, discretization=args.discretization,
         sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,

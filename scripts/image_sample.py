@@ -35,7 +35,7 @@ def main():
         create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",
         args.image_size,
     )
-    schedule, source = sampling.eps_schedule(args, config, diffusion)
+    schedule, source = sampling.eps_schedule(args, config, diffusion.num_timesteps)
     shape = (3, args.image_size, args.image_size)
     sample_batch = sampling.batch_sampler(
         model, diffusion, args, schedule, shape, num_classes=args.num_classes if args.class_cond else None

@@ -68,7 +68,7 @@ def main():
         sr_create_model_and_diffusion, args, sr_model_and_diffusion_defaults().keys(), args.model_path, "model",
         args.large_size,
     )
-    schedule, source = sampling.eps_schedule(args, config, diffusion)
+    schedule, source = sampling.eps_schedule(args, config, diffusion.num_timesteps)
     device = dist_util.dev()
 
     def base_kwargs(indices):

@@ -105,6 +105,15 @@ def test_paper_lambda_is_used_unless_the_flag_is_given():
         su.sampling_eps_scale("paper", config, 37)
 
 
+def test_edm_lambda_is_read_from_the_solvers_table():
+    config = su.load_config("edm_cifar10_32x32_cond_vp")
+    schedule, source = su.sampling_eps_scale(None, config, 18, table="heun")
+    assert schedule.b == pytest.approx(1.0006) and "heun, 18 steps" in source  # ES paper, EDM cond, Heun 35 NFE
+    assert su.sampling_eps_scale("paper", config, 35, table="euler")[0].b == pytest.approx(1.0035)
+    with pytest.raises(UsageError, match="no published euler lambda for 18 steps"):
+        su.sampling_eps_scale("paper", config, 18, table="euler")
+
+
 def test_typed_flags_win_over_the_config_even_abbreviated_or_aliased():
     parser = su.argparse.ArgumentParser()
     su.add_dict_to_argparser(parser, dict(su.model_and_diffusion_defaults(), num_samples=10, batch_size=16))
