@@ -222,7 +222,10 @@ def test_fp16_model_output_is_close_to_float32_and_conversion_round_trips(adm_go
         half_out = model(*args, **extra)
     assert half_out.dtype == torch.float32
     scale = case["out"].abs().max()
-    assert (half_out - case["out"]).abs().max() < 2e-2 * scale
+    error = (half_out - case["out"]).abs().max()
+    # float16 keeps 11 significant bits (relative step 1e-3): measured 2.5e-4 of the output's scale;
+    # an error of 0 would mean the convolutions never ran in half precision
+    assert 1e-6 * scale < error < 2e-3 * scale
     # The reference weights are float16 values, so going back to float32 is exact.
     model.convert_to_fp32()
     assert model.dtype == torch.float32
