@@ -58,30 +58,51 @@ def load_state_dict(path, map_location="cpu") -> dict:
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device=str(map_location))
-        except SafetensorError as exc:
-            raise UsageError(f"{path} is not a readable safetensors file ({exc})") from None
+            obj = load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UsageError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+        return _checked(path, obj)
     if path.suffix == ".pkl":
         raise UsageError(
             f"{path} is a pickle (EDM's network format); convert it with "
             "scripts/convert_edm_pkl.py, which reads it without running its code"
         )
+    if path.stat().st_size == 0:
+        raise UsageError(f"{path} is empty (0 bytes): a copy or download cut short; fetch the checkpoint again")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        first = _first_line(exc, "unsupported object")
+        if "truncated" in first or "ran out of input" in first.lower():
+            raise UsageError(f"{path} is cut short ({first}); fetch the checkpoint again") from None
         raise UsageError(
             f"{path} contains pickled objects that safe loading refuses ({first[:160]}); "
             "only files of tensors (model*.pt, ema_*.pt, .safetensors) are loaded"
         ) from None
-    except Exception as exc:  # any other failure to parse: the file is not a checkpoint
-        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # any other failure to parse (a cut-short file, a deep pickle): not a checkpoint
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
     while isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS:
         obj = next(iter(obj.values()))
+    return _checked(path, obj)
+
+
+def _checked(path: Path, obj) -> dict:
+    """``obj`` if it is a non-empty state_dict of finite tensors, else one UsageError line."""
     problem = _describe_wrong_file(path, obj)
     if problem:
         raise UsageError(problem)
+    bad = [k for k, v in obj.items() if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UsageError(
+            f"{path} holds NaN or infinite weights in {len(bad)} tensor{'s' if len(bad) > 1 else ''} (first {bad[0]}): "
+            "a damaged file or a diverged training run; use an earlier checkpoint"
+        )
     return obj
+
+
+def _first_line(exc: BaseException, empty: str | None = None) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else (empty or type(exc).__name__)
 
 
 # ---------------------------------------------------------------------------------------------

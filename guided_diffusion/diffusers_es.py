@@ -23,8 +23,11 @@ is ``beta_schedule="squaredcos_cap_v2"``; respacing "ddimN" is ``timestep_spacin
 ADM's step set as custom ``timesteps`` (tests/test_diffusers_es.py shows both give ADM's trajectory).
 
 The second half samples unconditional pipelines image by image for scripts/diffusers_sample.py:
-every image gets its own generator from ``sample_io`` and its networks run on index-aligned chunks,
-so image i depends on (seed, i) alone, bit for bit, whatever the batch size.
+every image gets its own generator from ``sample_io`` (its steps included, where the pipeline does
+not pass one) and its networks run on index-aligned chunks, so image i depends on (seed, i) alone,
+bit for bit, whatever the batch size, and equals the scheduler's own loop run on that image.
+``check_pairing`` refuses the pipeline/scheduler pairings that cannot be made right
+(``SAMPLED_PIPELINES`` lists the others), and ``load_pipeline`` loads silently and fails in one line.
 
 diffusers is an optional dependency (``pip install 'guided-diffusion-es[diffusers]'``); it is
 imported only when a function here needs it.
@@ -35,7 +38,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib
 import inspect
+import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,19 +50,23 @@ import numpy as np
 import torch
 
 from .eps_scaling import EpsScale, parse_eps_scale, sampling_order_t, scale_eps
+from .errors import UsageError
 from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise
 
 __all__ = [
+    "SAMPLED_PIPELINES",
     "SCALABLE_SCHEDULERS",
     "SCHEDULER_FLAGS",
     "UNetNetwork",
     "aligned_networks",
     "apply_eps_scaling",
+    "check_pairing",
     "eps_scaling",
     "image_shape",
     "installed_eps_scale",
     "load_pipeline",
     "pipeline_weights_sha256",
+    "quiet_loading",
     "remove_eps_scaling",
     "require_diffusers",
     "sample_images",
@@ -231,28 +242,166 @@ SCHEDULER_FLAGS = {
     "dpmsolver": "DPMSolverMultistepScheduler",
 }
 
-_CALL_ARGUMENTS = ("batch_size", "generator", "num_inference_steps", "output_type")
+# The pipelines ``sample_images`` drives, each with the schedulers it drives correctly (images
+# equal to the scheduler's own loop, per image, whatever the batch) and why it cannot drive the
+# others. LDMPipeline calls scale_model_input and reads init_noise_sigma, so it drives them all
+# once its timesteps are set before it reads init_noise_sigma and its scheduler steps draw from
+# the images' generators (both done by ``sample_images``).
+SAMPLED_PIPELINES = {
+    "DDPMPipeline": (
+        ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"),
+        "neither multiplies its initial noise by init_noise_sigma nor calls scale_model_input, "
+        "and {scheduler} needs both",
+    ),
+    "DDIMPipeline": (
+        ("DDIMScheduler",),
+        "passes eta to scheduler.step, which only DDIMScheduler takes, and never calls scale_model_input",
+    ),
+    "LDMPipeline": (SCALABLE_SCHEDULERS, ""),
+}
+
+# Schedulers that read a learned variance (the UNet's last C of 2C output channels).
+_VARIANCE_SCHEDULERS = ("DDPMScheduler", "DPMSolverMultistepScheduler")
+
+
+def _flags_for(scheduler_names) -> str:
+    flags = [flag for flag, name in SCHEDULER_FLAGS.items() if name in scheduler_names]
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+# Above every level these libraries log at: their logged errors too (a failed load becomes our one line).
+_SILENT = logging.CRITICAL + 1
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator:
+    """Inside the block, diffusers, transformers and huggingface_hub print nothing: their log
+    messages (errors included), progress bars and Python warnings are off; afterwards they are as
+    they were."""
+    restore = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            library = importlib.import_module(name)
+        except ImportError:
+            continue
+        verbosity, bars = library.get_verbosity(), library.is_progress_bar_enabled()
+        library.set_verbosity(_SILENT)
+        library.disable_progress_bar()
+        restore.append(functools.partial(_restore_library, library, verbosity, bars))
+    try:
+        import huggingface_hub.utils as hub
+    except ImportError:
+        hub = None
+    if hub is not None:
+        verbosity, bars_off = hub.logging.get_verbosity(), hub.are_progress_bars_disabled()
+        hub.logging.set_verbosity(_SILENT)
+        hub.disable_progress_bars()
+        restore.append(functools.partial(_restore_hub, hub, verbosity, bars_off))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+def _restore_library(library, verbosity: int, bars: bool) -> None:
+    library.set_verbosity(verbosity)
+    if bars:
+        library.enable_progress_bar()
+
+
+def _restore_hub(hub, verbosity: int, bars_off: bool) -> None:
+    hub.logging.set_verbosity(verbosity)
+    if not bars_off:
+        hub.enable_progress_bars()
+
+
+_ANY_PIPELINE = "give a folder written by pipe.save_pretrained(...) or a model id such as google/ddpm-cifar10-32"
+
+
+def _hub_model_index(model: str) -> Path:
+    """model_index.json of a Hugging Face model id: from the local cache, else from the Hub."""
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    try:
+        huggingface_hub.utils.validate_repo_id(model)
+    except errors.HFValidationError:
+        raise UsageError(f"--model {model}: there is no such folder, and it is not a model id (owner/name); "
+                         f"{_ANY_PIPELINE}") from None
+    cached = huggingface_hub.try_to_load_from_cache(model, "model_index.json")
+    if isinstance(cached, str):
+        return Path(cached)
+    not_here = f"--model {model} is not a folder here and not in the Hugging Face cache"
+    fetch = (f"download it with: hf download {model} (where the Hub can be reached; it fills that cache), "
+             "or give a folder written by pipe.save_pretrained(...)")
+    with quiet_loading():
+        try:
+            huggingface_hub.model_info(model)  # fails at once offline, where a file download retries for long
+            return Path(huggingface_hub.hf_hub_download(model, "model_index.json"))
+        except errors.OfflineModeIsEnabled:
+            raise UsageError(f"{not_here}, and HF_HUB_OFFLINE is set; {fetch}") from None
+        except errors.RepositoryNotFoundError:
+            raise UsageError(f"there is no model {model} on the Hugging Face Hub (or it is private or gated: "
+                             f"log in with hf auth login); {_ANY_PIPELINE}") from None
+        except errors.EntryNotFoundError:
+            raise UsageError(f"model {model} has no model_index.json, so it is not a diffusers pipeline; "
+                             f"{_ANY_PIPELINE}") from None
+        except Exception as exc:  # network failures come as several types (httpx, OSError, ...)
+            raise UsageError(f"{not_here}, and the Hub cannot be reached ({_one_line(exc)}); {fetch}") from None
+
+
+def _pipeline_index(model: str) -> dict:
+    """The model_index.json of ``model`` (a folder or a model id), read before any weights are."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise UsageError(f"--model {model} is a file; give the pipeline's folder (the one holding model_index.json) "
+                         "or a model id")
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise UsageError(f"--model {model} has no model_index.json, so it is not a diffusers pipeline folder; "
+                             f"{_ANY_PIPELINE}")
+    else:
+        index = _hub_model_index(model)
+    try:
+        config = json.loads(index.read_text())
+        if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
+            raise ValueError("it names no _class_name")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{index} is not a diffusers model_index.json ({_one_line(exc)}); {_ANY_PIPELINE}") from None
+    return config
 
 
 def load_pipeline(model: str):
-    """A diffusers pipeline from a folder written by ``save_pretrained`` or a model id, on the CPU."""
+    """A DDPMPipeline, DDIMPipeline or LDMPipeline from a folder written by ``save_pretrained`` or a
+    model id, on the CPU. Nothing is printed while it loads; every failure is one UsageError line.
+    Other pipelines are refused from their model_index.json, before any weights are read."""
     diffusers = require_diffusers()
-    if Path(model).is_file():
-        raise ValueError(f"--model {model} is a file; give the pipeline's folder (with model_index.json) or a model id")
-    try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FileNotFoundError(
-            f"cannot load a diffusers pipeline from {model!r} ({reason}); give a folder written by "
-            "save_pretrained or a model id such as google/ddpm-cifar10-32"
-        ) from None
-    missing = [name for name in _CALL_ARGUMENTS if name not in inspect.signature(pipe.__call__).parameters]
-    if missing:
-        raise ValueError(
-            f"{type(pipe).__name__} is not an unconditional image pipeline (its call lacks {', '.join(missing)}); "
-            "this sampler drives DDPMPipeline, DDIMPipeline and LDMPipeline"
+    index = _pipeline_index(model)
+    class_name = index["_class_name"]
+    if class_name not in SAMPLED_PIPELINES:
+        text = any(isinstance(index.get(part), list) and index[part][0] is not None
+                   for part in ("text_encoder", "tokenizer"))
+        kind = f"a {class_name}, a text-to-image pipeline" if text else f"a {class_name}"
+        raise UsageError(
+            f"--model {model} is {kind}, which this script cannot run: it samples the unconditional "
+            f"{', '.join(SAMPLED_PIPELINES)}; in Python, guided_diffusion.diffusers_es.apply_eps_scaling(pipe, ...) "
+            "adds Epsilon Scaling to any diffusers pipeline"
         )
+    try:
+        with quiet_loading():
+            pipe = diffusers.DiffusionPipeline.from_pretrained(model)
+    except Exception as exc:  # a broken or partly cached pipeline fails in many ways; all are the user's to fix
+        raise UsageError(f"cannot load the {class_name} of --model {model}: {_one_line(exc)}; {_ANY_PIPELINE}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -262,10 +411,57 @@ def use_scheduler(pipe, name: str):
     if name == "pipeline":
         return pipe.scheduler
     if name not in SCHEDULER_FLAGS:
-        raise ValueError(f"unknown scheduler {name!r}; choose pipeline or one of {', '.join(SCHEDULER_FLAGS)}")
+        raise UsageError(f"unknown scheduler {name!r}; choose pipeline or one of {', '.join(SCHEDULER_FLAGS)}")
     cls = getattr(require_diffusers(), SCHEDULER_FLAGS[name])
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     return pipe.scheduler
+
+
+def _takes_eta(pipe) -> bool:
+    return "eta" in inspect.signature(pipe.__call__).parameters
+
+
+def check_pairing(pipe, num_steps: int, eta: float = 0.0) -> None:
+    """Refuse, as one UsageError line, a pipeline, scheduler, step count or eta that ``sample_images``
+    cannot sample correctly (images equal to the scheduler's own loop, image by image)."""
+    pipeline, scheduler = type(pipe).__name__, type(pipe.scheduler).__name__
+    if pipeline not in SAMPLED_PIPELINES:
+        raise UsageError(f"{pipeline} is not one of the unconditional pipelines this sampler drives "
+                         f"({', '.join(SAMPLED_PIPELINES)})")
+    if scheduler not in SCALABLE_SCHEDULERS:
+        raise UsageError(f"the pipeline's scheduler {scheduler} is not one Epsilon Scaling supports; "
+                         f"use --scheduler {_flags_for(SAMPLED_PIPELINES[pipeline][0])}")
+    drives, why_not = SAMPLED_PIPELINES[pipeline]
+    if scheduler not in drives:
+        raise UsageError(f"{pipeline} cannot drive {scheduler}: it {why_not.format(scheduler=scheduler)}; "
+                         f"use --scheduler {_flags_for(drives)}")
+    if eta != 0.0 and not _takes_eta(pipe):
+        raise UsageError(f"--eta {eta}: {pipeline} takes no eta; leave --eta at 0")
+    if eta != 0.0 and scheduler != "DDIMScheduler":
+        raise UsageError(f"--eta {eta} only applies to DDIMScheduler, not {scheduler}; leave --eta at 0 "
+                         "or use --scheduler ddim")
+    channels, out = pipe.unet.config.in_channels, pipe.unet.config.out_channels
+    variance = pipe.scheduler.config.get("variance_type")
+    learned = variance in ("learned", "learned_range")
+    if out == 2 * channels:
+        what = f"the UNet predicts noise and variance ({out} channels for a {channels}-channel sample)"
+        if scheduler not in _VARIANCE_SCHEDULERS:
+            raise UsageError(f"{what}, which {scheduler} cannot read; use --scheduler {_flags_for(_VARIANCE_SCHEDULERS)}")
+        if not learned:
+            raise UsageError(f"{what}, but the scheduler's variance_type is {variance!r}; "
+                             "set variance_type to learned_range in its scheduler_config.json")
+        if scheduler == "DPMSolverMultistepScheduler" and channels != 3:
+            raise UsageError(f"{what}; DPMSolverMultistepScheduler keeps the first 3 channels of a learned-variance "
+                             "output, not the noise of this sample; use --scheduler ddpm")
+    elif out != channels:
+        raise UsageError(f"the UNet outputs {out} channels for a {channels}-channel sample; it must predict the "
+                         f"noise ({channels} channels), or noise and variance ({2 * channels})")
+    elif learned and scheduler == "DDPMScheduler":
+        raise UsageError(f"the scheduler's variance_type is {variance!r}, but the UNet predicts no variance "
+                         f"({out} channels); set variance_type to fixed_small in its scheduler_config.json")
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    if not 1 <= num_steps <= train_steps:
+        raise UsageError(f"--steps {num_steps}: the model takes 1 to {train_steps} steps (its num_train_timesteps)")
 
 
 def image_shape(pipe) -> tuple[int, int, int]:
@@ -367,42 +563,69 @@ def aligned_networks(pipe, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_
                 setattr(module, method, previous)
 
 
+class _StepWithGenerators:
+    """A scheduler's ``step`` that draws from the images' generators when its pipeline passes
+    none (LDMPipeline calls ``step`` without its generator, so a stochastic step would draw from
+    torch's global one and an image would depend on its batch). Set on the instance while sampling;
+    its signature is the wrapped step's, for pipelines that inspect it."""
+
+    def __init__(self, step, generators):
+        functools.update_wrapper(self, step, updated=())
+        self.generators = generators
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = self.generators
+        return self.__wrapped__(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _steps_draw_from(scheduler, generators) -> Iterator:
+    previous = vars(scheduler).get("step")
+    scheduler.step = _StepWithGenerators(scheduler.step, generators)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del scheduler.step
+        else:
+            scheduler.step = previous
+
+
 def sample_images(pipe, seed: int, indices: Sequence[int], num_steps: int,
-                  network_batch: int = DEFAULT_NETWORK_BATCH, unet_network=None, **call_kwargs) -> torch.Tensor:
+                  network_batch: int = DEFAULT_NETWORK_BATCH, unet_network=None, eta: float = 0.0) -> torch.Tensor:
     """Images ``indices`` of a run as an NCHW tensor in [-1, 1]; image i depends on (seed, i) alone.
 
-    The pipeline gets one generator per image (``sample_io``'s noise stream of that image), and
-    diffusers draws row j of the initial noise and of every step's noise from generator j. Its
-    networks run on chunks of ``network_batch`` images aligned to the image index
-    (``aligned_networks``; ``unet_network`` as there), so the pixels do not depend on the batch
-    size or the rank count either. A pipeline that still draws from torch's global generator (LDMPipeline with a
-    stochastic scheduler) or never calls ``scale_model_input`` (Euler under DDPMPipeline) is refused.
+    Each image is what the pipeline's scheduler gives when its own loop samples that image alone:
+    x_T = N(0, I) * init_noise_sigma from the image's noise stream (``sample_io``), then per step
+    ``scale_model_input``, the UNet and ``step`` with that stream as generator. The pipeline gets
+    one generator per image, and diffusers draws row j of the initial noise and of every step's
+    noise from generator j; where the pipeline calls ``step`` without its generator (LDMPipeline),
+    the step gets them here. The timesteps are set before the pipeline runs, because LDMPipeline
+    reads init_noise_sigma before it sets them, and a scheduler that has not set them (Euler)
+    reports another value. The networks run on chunks of ``network_batch`` images aligned to the
+    image index (``aligned_networks``; ``unet_network`` as there), so no pixel depends on the batch
+    size or the rank count. Pairings that cannot be made right are refused (``check_pairing``).
     """
+    check_pairing(pipe, num_steps, eta)
     scheduler = pipe.scheduler
+    generators = ImageNoise(seed, indices).generators
+    call_kwargs = {"eta": eta} if _takes_eta(pipe) else {}
+    pass  # MUTANT
     before = _global_rng_states(pipe.device)
-    try:
-        with torch.no_grad(), aligned_networks(pipe, indices, network_batch, unet_network):
-            images = pipe(
-                batch_size=len(indices), generator=ImageNoise(seed, indices).generators,
-                num_inference_steps=num_steps, output_type="np", **call_kwargs,
-            ).images
-    except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
-            raise
-        raise ValueError(
-            f"{type(pipe).__name__} cannot drive {type(scheduler).__name__} ({exc}); choose another --scheduler"
-        ) from None
+    with torch.no_grad(), aligned_networks(pipe, indices, network_batch, unet_network), \
+            _steps_draw_from(scheduler, generators):
+        images = pipe(
+            batch_size=len(indices), generator=generators, num_inference_steps=num_steps, output_type="np",
+            **call_kwargs,
+        ).images
     after = _global_rng_states(pipe.device)
     if any(not torch.equal(a, b) for a, b in zip(before, after)):
-        raise ValueError(
-            f"{type(pipe).__name__} with {type(scheduler).__name__} draws noise from torch's global generator, "
-            "so an image would depend on its batch; use a deterministic sampler (--scheduler ddim with --eta 0) "
-            "or a pipeline that passes its generator to scheduler.step (DDPMPipeline, DDIMPipeline)"
-        )
-    if getattr(scheduler, "is_scale_input_called", True) is False:
-        raise ValueError(
-            f"{type(pipe).__name__} never calls scale_model_input, which {type(scheduler).__name__} needs; "
-            "use --scheduler ddpm or ddim with this pipeline"
+        diffusers = require_diffusers()
+        raise RuntimeError(
+            f"{type(pipe).__name__} with {type(scheduler).__name__} drew noise from torch's global generator, so its "
+            f"images would depend on the batch; diffusers {diffusers.__version__} samples otherwise than the "
+            "version this bridge was checked against (0.42): please report it"
         )
     images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     return images * 2 - 1

@@ -1,7 +1,7 @@
 """Retrain the shipped digits models: the two diffusion models, the classifier, the feature net.
 
 Each network is trained by the project's own training scripts with the flags in its config
-(configs/digits_*.yaml: ``flags`` + ``train_flags``), and its final weights (EMA for diffusion
+(guided_diffusion/configs/digits_*.yaml: ``flags`` + ``train_flags``), and its final weights (EMA for diffusion
 models) are exported as float16 safetensors into guided_diffusion/assets/.
 """
 
@@ -17,7 +17,7 @@ import torch
 from .checkpoints import load_state_dict
 from .digit_features import FEATURES_FILE, train_digit_features
 from .file_util import atomic_write_safetensors
-from .script_util import load_config
+from .script_util import CONFIG_DIR, load_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("digits_uncond", "digits_cond", "digits_classifier")
@@ -55,7 +55,7 @@ def train_network(name: str, work_dir: Path, seed: int = 0, max_steps: int | Non
         checkpoint = _newest(log_dir, r"model(\d+)\.pt")
     else:
         checkpoint = _newest(log_dir, rf"ema_{re.escape(str(train['ema_rate']))}_(\d+)\.pt")
-    dest = REPO_ROOT / config["checkpoint_path"]
+    dest = CONFIG_DIR.parent / config["checkpoint_path"]
     dest.parent.mkdir(parents=True, exist_ok=True)
     export_half(load_state_dict(checkpoint), dest)
     return dest
@@ -71,7 +71,7 @@ def train_features(seed: int = 0) -> float:
 
 def shipped_sizes() -> dict:
     """Bytes of every shipped weight file (they must total 10 MB at most)."""
-    files = [REPO_ROOT / load_config(n)["checkpoint_path"] for n in SHIPPED] + [FEATURES_FILE]
+    files = [CONFIG_DIR.parent / load_config(n)["checkpoint_path"] for n in SHIPPED] + [FEATURES_FILE]
     return {p.name: p.stat().st_size for p in files if p.exists()}
 
 

@@ -1,7 +1,9 @@
 """Process-group set-up for mpirun, torchrun or a single process, and one device per rank.
 
 ADM assumed 8 GPUs per node and hid devices through CUDA_VISIBLE_DEVICES; here each rank takes
-local_rank modulo the GPUs it can see (CUDA_VISIBLE_DEVICES is honoured), nccl on GPU, gloo on CPU.
+its local rank modulo the GPUs it can see (CUDA_VISIBLE_DEVICES is honoured), nccl on GPU, gloo on
+CPU. The local rank comes from the launcher; only a launcher that gives none falls back to ADM's
+layout, rank % GPUS_PER_NODE (change GPUS_PER_NODE, as ADM's comment asks, for other nodes).
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ import torch.distributed as dist
 
 from .checkpoints import load_state_dict as _safe_load_state_dict
 
+# ADM's names. GPUS_PER_NODE: GPUs of one node, for launchers that do not tell a rank its local
+# rank. SETUP_RETRY_COUNT: attempts at a single-process rendezvous (a free port can be taken
+# between choosing it and binding it).
+GPUS_PER_NODE = 8
+
+SETUP_RETRY_COUNT = 3
+
 
 def _launcher_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's or Open MPI / MPICH's environment."""
@@ -22,8 +31,9 @@ def _launcher_env() -> tuple[int, int, int]:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     for prefix in ("OMPI_COMM_WORLD_", "PMI_", "PMIX_"):
         if prefix + "RANK" in env and prefix + "SIZE" in env:
-            local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", env[prefix + "RANK"]))
-            return int(env[prefix + "RANK"]), int(env[prefix + "SIZE"]), int(local)
+            rank = int(env[prefix + "RANK"])
+            local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID"))
+            return rank, int(env[prefix + "SIZE"]), int(local) if local is not None else rank % GPUS_PER_NODE
     return 0, 1, 0
 
 
@@ -58,10 +68,12 @@ def share_cpu_cores(world: int) -> None:
     torch.set_num_threads(max(1, usable_cores() // _local_world_size(world)))
 
 
-def _free_port() -> int:
+def _find_free_port() -> int:
+    """A TCP port that was free a moment ago (the OS's choice)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
 
 
 def setup_dist() -> None:
@@ -73,18 +85,27 @@ def setup_dist() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        if world > 1:
-            # Launched by mpirun: rank 0 chooses the rendezvous and MPI tells the others.
-            from mpi4py import MPI
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        return
+    if world > 1:
+        # Launched by mpirun: rank 0 chooses the rendezvous and MPI tells the others.
+        from mpi4py import MPI
 
-            comm = MPI.COMM_WORLD
-            addr = socket.gethostbyname(socket.getfqdn()) if comm.size > 1 else "127.0.0.1"
-            addr, port = comm.bcast((addr, _free_port()) if comm.rank == 0 else None, root=0)
-        else:
-            addr, port = "127.0.0.1", _free_port()
+        comm = MPI.COMM_WORLD
+        addr = socket.gethostbyname(socket.getfqdn()) if comm.size > 1 else "127.0.0.1"
+        addr, port = comm.bcast((addr, _find_free_port()) if comm.rank == 0 else None, root=0)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        return
+    for attempt in range(SETUP_RETRY_COUNT):
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_find_free_port())
+        try:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+            return
+        except (RuntimeError, OSError):  # the port was taken meanwhile: choose another
+            if attempt == SETUP_RETRY_COUNT - 1:
+                raise
 
 
 def dev() -> torch.device:

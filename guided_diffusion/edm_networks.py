@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -463,11 +462,10 @@ class VPPrecond(_Precond):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = self._sigma_float(epsilon_t)
-        self.sigma_max = self._sigma_float(1.0)
-
-    def _sigma_float(self, t: float) -> float:
-        return math.sqrt(math.expm1(0.5 * self.beta_d * t**2 + self.beta_min * t))
+        # EDM evaluates these in float32 (0.0009765625 and 152.1669769 for its defaults, where the
+        # exact values are 0.0010005 and 152.1669703); samplers clip their range to them
+        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, device="cpu")))
+        self.sigma_max = float(self.sigma(torch.tensor(1, device="cpu")))
 
     def sigma(self, t):
         t = torch.as_tensor(t)
@@ -495,7 +493,11 @@ class VEPrecond(_Precond):
 
 
 class iDDPMPrecond(_Precond):  # noqa: N801 (EDM's class name, stored in its pickles)
-    """Improved DDPM (cosine schedule, M steps): sigma snaps to the M discrete levels ``u``."""
+    """Improved DDPM (cosine schedule, M steps): sigma snaps to the M discrete levels ``u``.
+
+    ``u`` is a buffer (EDM's pickles carry it); ``sigma_min`` and ``sigma_max`` are read from it,
+    so a loaded network reports the levels of its file, as EDM's object does.
+    """
 
     default_model_type = "DhariwalUNet"
     output_factor = 2
@@ -506,15 +508,23 @@ class iDDPMPrecond(_Precond):  # noqa: N801 (EDM's class name, stored in its pic
         self.C_1 = C_1
         self.C_2 = C_2
         self.M = M
-        levels = iddpm_sigma_levels(M, C_1, C_2)
-        self.register_buffer("u", torch.tensor(levels, dtype=torch.float32))
-        self.sigma_min = float(np.float32(levels[M - 1]))  # as the float32 buffer holds it
-        self.sigma_max = float(np.float32(levels[0]))
+        self.register_buffer("u", iddpm_sigma_levels(M, C_1, C_2, dtype=torch.float32))
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.u[self.M - 1])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.u[0])
 
     def _nearest_level(self, sigma):
         sigma = torch.as_tensor(sigma)
-        flat = sigma.to(device=self.u.device, dtype=torch.float32).reshape(-1, 1)
-        return (flat - self.u.reshape(1, -1)).abs().argmin(dim=1).reshape(sigma.shape).to(sigma.device)
+        flat = sigma.to(device=self.u.device, dtype=torch.float32).reshape(1, -1, 1)
+        # distances as torch.cdist gives them (EDM's choice): for 1001 levels it takes the
+        # matrix-product form, whose rounding can differ from |a - b| where two levels are near-equal
+        index = torch.cdist(flat, self.u.reshape(1, -1, 1).to(torch.float32)).argmin(2)
+        return index.reshape(sigma.shape).to(sigma.device)
 
     def coefficients(self, sigma):
         c_noise = self.M - 1 - self._nearest_level(sigma).to(torch.float32)
@@ -526,18 +536,23 @@ class iDDPMPrecond(_Precond):  # noqa: N801 (EDM's class name, stored in its pic
         return self.u.to(sigma.device)[index].to(sigma.dtype)
 
 
-def iddpm_sigma_levels(M=1000, C_1=0.001, C_2=0.008) -> list[float]:
-    """The M + 1 noise levels u_0 > ... > u_M = 0 of iDDPM's cosine schedule, per EDM (Table 1).
+def iddpm_sigma_levels(M=1000, C_1=0.001, C_2=0.008, dtype=torch.float64) -> torch.Tensor:
+    """The M + 1 noise levels u_0 > ... > u_M = 0 of iDDPM's cosine schedule, as EDM computes them.
 
     u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1) / abar(j), C_1) - 1), abar(j) = sin^2(pi j / (2 M (1 + C_2))).
+    abar is evaluated in float32 from the integer j, and the recursion runs in ``dtype``: float32
+    for the network's buffer (``iDDPMPrecond.u``), float64 for the sampler's iddpm discretization.
+    The rounding matters: the sampler keeps the levels within [sigma_min, sigma_max], and
+    sigma_min is the network's float32 u_{M-1}. Computed on the CPU.
     """
     def abar(j):
-        return math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
+        angle = 0.5 * math.pi * torch.tensor(j, dtype=torch.int64, device="cpu") / M / (C_2 + 1)  # float32
+        return angle.sin() ** 2
 
-    u = [0.0] * (M + 1)
+    u = torch.zeros(M + 1, dtype=dtype, device="cpu")
     for j in range(M, 0, -1):
-        ratio = max(abar(j - 1) / abar(j), C_1)
-        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / ratio - 1)
+        ratio = (abar(j - 1) / abar(j)).clamp(min=C_1)
+        u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
     return u
 
 

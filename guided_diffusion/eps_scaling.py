@@ -20,7 +20,10 @@ import math
 from dataclasses import dataclass
 import torch
 
-__all__ = ["EpsScale", "EpsScaleError", "parse_eps_scale", "resolve_eps_scale", "scale_eps", "sampling_order_t"]
+__all__ = [
+    "EpsScale", "EpsScaleError", "parse_eps_scale", "adm_es_eps_scale", "resolve_eps_scale", "scale_eps",
+    "sampling_order_t",
+]
 
 
 class EpsScaleError(ValueError):
@@ -147,6 +150,20 @@ def parse_eps_scale(spec) -> EpsScale:
         ) from None
 
 
+def adm_es_eps_scale(eps_scaler) -> EpsScale | None:
+    """ADM-ES's ``eps_scaler`` key (a number; ADM-ES's default 0.0) as a schedule, or None when off.
+
+    ADM-ES's default 0.0 would divide the noise by zero; here it means "not given", so code written
+    against ADM-ES's script_util keeps ADM's behaviour unless it sets a lambda.
+    """
+    if eps_scaler is None:
+        return None
+    value = _check_value(eps_scaler, "eps_scaler")
+    if value < 0:
+        raise EpsScaleError(f"eps_scaler must be >= 0 (0: off), got {value}")
+    return None if value == 0 else EpsScale(b=value)
+
+
 def resolve_eps_scale(call_value, default) -> EpsScale:
     """The schedule a sampling call uses: its own ``eps_scale=`` if given, else the default."""
     return parse_eps_scale(default if call_value is None else call_value)
@@ -156,6 +173,10 @@ def scale_eps(eps: torch.Tensor, schedule: EpsScale, t, num_steps: int) -> torch
     """Return eps / lambda_t. ``t`` is the chain index: an int or a per-sample tensor."""
     if schedule.is_identity:
         return eps
+    if schedule.table is None and schedule.k == 0.0:
+        # a Python scalar, as ADM-ES divides: the same bytes on every device (CUDA divides by a
+        # scalar and by a tensor differently in the last bit)
+        return eps / schedule.b
     if isinstance(t, torch.Tensor):
         schedule.validate(num_steps)
         # the range check reads t back; on a GPU that would stall every step (sampling loops only

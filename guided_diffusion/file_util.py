@@ -1,13 +1,31 @@
-"""File helpers shared by every writer: content hashes and all-or-nothing writes (NPZ files too)."""
+"""File helpers shared by every writer: content hashes, all-or-nothing writes (NPZ files too), and
+one-writer locks on output folders.
+
+Every write here either completes or leaves the previous state: data go to a temporary sibling
+named ``NAME.tmpPID`` (the writer's pid) that is renamed over ``NAME`` only when complete, and is
+removed on any error. A full disk (ENOSPC, EDQUOT) becomes one UsageError line naming the file.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import json
 import os
+import re
+import socket
+import sys
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from .errors import UsageError
+
+# errno values that mean "the disk (or the quota) is full".
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -24,15 +42,39 @@ def temp_path_for(path) -> Path:
     return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
+_TEMP_RE = re.compile(r"\.tmp\d+$")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary name made by ``temp_path_for``."""
+    return bool(_TEMP_RE.search(name))
+
+
+def disk_full_error(path) -> UsageError:
+    return UsageError(f"no space left on device writing {path}; free space and rerun the same command to resume")
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn a full disk while writing ``path`` into one UsageError line (other OSErrors pass)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _FULL:
+            raise disk_full_error(path) from None
+        raise
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
     tmp = temp_path_for(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -71,10 +113,11 @@ class NpzWriter:
     def __init__(self, path):
         self.path = Path(path)
         self._partial = temp_path_for(self.path)
-        self._zip = zipfile.ZipFile(self._partial, "w", zipfile.ZIP_STORED, allowZip64=True)
+        with writing(self.path):
+            self._zip = zipfile.ZipFile(self._partial, "w", zipfile.ZIP_STORED, allowZip64=True)
 
     def add(self, name: str, array: np.ndarray) -> None:
-        with self._zip.open(_member(name), "w", force_zip64=True) as member:
+        with writing(self.path), self._zip.open(_member(name), "w", force_zip64=True) as member:
             np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
 
     def add_streamed(self, name: str, shape: tuple, dtype, batches):
@@ -85,7 +128,7 @@ class NpzWriter:
         descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
         header = {"descr": descr, "fortran_order": False, "shape": tuple(shape)}
         written = 0
-        with self._zip.open(_member(name), "w", force_zip64=True) as member:
+        with writing(self.path), self._zip.open(_member(name), "w", force_zip64=True) as member:
             np.lib.format.write_array_header_1_0(member, header)
             for batch in batches:
                 batch = np.ascontiguousarray(batch, dtype=dtype)
@@ -101,14 +144,162 @@ class NpzWriter:
         return self
 
     def __exit__(self, exc_type, exc, traceback):
-        self._zip.close()
-        if exc_type is None:
-            with open(self._partial, "rb") as f:
-                os.fsync(f.fileno())  # on disk before the name says it is complete
-            os.replace(self._partial, self.path)
-        else:
+        try:
+            if exc_type is not None:
+                with contextlib.suppress(Exception):
+                    self._zip.close()  # a full disk may refuse the central directory too
+                return
+            with writing(self.path):
+                self._zip.close()
+                with open(self._partial, "rb") as f:
+                    os.fsync(f.fileno())  # on disk before the name says it is complete
+                os.replace(self._partial, self.path)
+        finally:
             self._partial.unlink(missing_ok=True)
 
 
 def _member(name: str) -> zipfile.ZipInfo:
     return zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per output folder
+
+
+class FolderInUse(UsageError):
+    """Another process holds the lock of the folder this run would write."""
+
+
+# lock file path (resolved) -> [file descriptor or None when the filesystem has no locks, count]
+_HELD: dict[str, list] = {}
+
+
+def _lock_key(lock_file: Path) -> str:
+    return os.path.join(os.path.realpath(lock_file.parent), lock_file.name)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (a releasing holder unlinks it)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as its holder wrote it into the lock file."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info.get("pid"):
+        return "another process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
+    return f"pid {info['pid']} on {info.get('host', '?')}, since {since}: {info.get('command', '?')}"
+
+
+def acquire_lock(lock_file, what: str, hint: str = "wait for it to finish or choose another --output_dir") -> None:
+    """Hold an exclusive OS lock (flock) on ``lock_file`` for this process, or raise FolderInUse.
+
+    Re-entrant within a process (counted); the OS drops the lock when the process ends however it
+    ends (``kill -9`` included), so a folder is never left locked. ``what`` names the folder in
+    the one-line refusal. On a filesystem without locks the run goes ahead unlocked.
+    """
+    import fcntl
+
+    lock_file = Path(lock_file)
+    key = _lock_key(lock_file)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    for _ in range(100):
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise disk_full_error(lock_file) from None
+            raise UsageError(f"cannot write to {what} ({exc.strerror}); {hint}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if _same_file(fd, lock_file):
+                holder = _holder(fd)
+                os.close(fd)
+                raise FolderInUse(f"{what} is in use by another run ({holder}); {hint}") from None
+            os.close(fd)  # the holder released and removed it meanwhile: try again
+            continue
+        except OSError as exc:  # a filesystem without flock (some network filesystems)
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                print(f"warning: {what} cannot be locked ({exc.strerror}); make sure no other run writes it",
+                      file=sys.stderr)
+                _HELD[key] = [None, 1]
+                return
+            raise
+        if not _same_file(fd, lock_file):  # locked a file its holder had just removed
+            os.close(fd)
+            continue
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "?"}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
+        except OSError:
+            pass  # only the refusal's description of the holder is lost
+        _HELD[key] = [fd, 1]
+        return
+    raise UsageError(f"could not lock {what}: its lock file {lock_file} keeps changing; {hint}")
+
+
+def release_lock(lock_file) -> None:
+    """Undo one ``acquire_lock``; the last one removes the lock file and drops the lock."""
+    lock_file = Path(lock_file)
+    key = _lock_key(lock_file)
+    entry = _HELD.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] > 0:
+        return
+    del _HELD[key]
+    fd = entry[0]
+    if fd is not None:
+        if _same_file(fd, lock_file):
+            with contextlib.suppress(OSError):
+                os.unlink(lock_file)  # while still locked, so no other process holds this file
+        os.close(fd)
+
+
+def holds_lock(lock_file) -> bool:
+    return _lock_key(Path(lock_file)) in _HELD
+
+
+@contextlib.contextmanager
+def locked(lock_file, what: str, hint: str = "wait for it to finish or choose another --output_dir"):
+    acquire_lock(lock_file, what, hint)
+    try:
+        yield
+    finally:
+        release_lock(lock_file)
+
+
+FOLDER_LOCK_NAME = ".lock"
+
+
+def folder_lock_file(folder) -> Path:
+    """The lock file of an output folder (held by the run that writes the folder)."""
+    return Path(folder) / FOLDER_LOCK_NAME
+
+
+def lock_output_folder(folder, flag: str = "--output_dir") -> None:
+    """Hold ``folder``'s one-writer lock until the process ends (a script's whole run).
+
+    The lock file is removed at a normal exit; after ``kill -9`` it stays, unlocked, and the next
+    run takes it over.
+    """
+    import atexit
+
+    lock_file = folder_lock_file(folder)
+    acquire_lock(lock_file, f"output folder {folder}", f"wait for it to finish or choose another {flag}")
+    atexit.register(release_lock, lock_file)

@@ -26,14 +26,14 @@ def _convert_conv(module, dtype):
             module.bias.data = module.bias.data.to(dtype)
 
 
-def convert_module_to_f16(module):
+def convert_module_to_f16(l):  # noqa: E741 (ADM's parameter name)
     """Convert a convolution's parameters to float16 (other modules are left alone); for Module.apply."""
-    _convert_conv(module, torch.float16)
+    _convert_conv(l, torch.float16)
 
 
-def convert_module_to_f32(module):
+def convert_module_to_f32(l):  # noqa: E741 (ADM's parameter name)
     """Convert a convolution's parameters back to float32; for Module.apply."""
-    _convert_conv(module, torch.float32)
+    _convert_conv(l, torch.float32)
 
 
 def get_param_groups_and_shapes(named_model_params):
@@ -161,11 +161,16 @@ class MixedPrecisionTrainer:
 
     def optimize(self, opt):
         """Take one optimizer step; False when it was skipped because the gradients were not finite."""
-        if not self.use_fp16:
-            self._log_norms(*self.get_norms())
-            opt.step()
-            return True
+        if self.use_fp16:
+            return self._optimize_fp16(opt)
+        return self._optimize_normal(opt)
 
+    def _optimize_normal(self, opt):
+        self._log_norms(*self.get_norms())
+        opt.step()
+        return True
+
+    def _optimize_fp16(self, opt):
         logger.logkv_mean("lg_loss_scale", self.lg_loss_scale)
         model_grads_to_master_grads(self.param_groups_and_shapes, self.master_params)
         loss_scale = 2**self.lg_loss_scale
@@ -198,6 +203,10 @@ class MixedPrecisionTrainer:
         param_norm = math.sqrt(math.fsum(v * v for v in values[: len(params)]))
         grad_norm = math.sqrt(math.fsum(v * v for v in values[len(params) :]))
         return grad_norm / grad_scale, param_norm
+
+    def _compute_norms(self, grad_scale=1.0):
+        """ADM's name for get_norms."""
+        return self.get_norms(grad_scale=grad_scale)
 
     @staticmethod
     def _log_norms(grad_norm, param_norm):

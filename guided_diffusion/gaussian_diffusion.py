@@ -20,7 +20,7 @@ import numpy as np
 import torch as th
 from tqdm.auto import tqdm
 
-from .eps_scaling import EpsScale, parse_eps_scale, resolve_eps_scale, scale_eps
+from .eps_scaling import EpsScale, adm_es_eps_scale, parse_eps_scale, resolve_eps_scale, scale_eps
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 from .sample_io import standard_normal
@@ -97,6 +97,11 @@ class GaussianDiffusion:
     :param rescale_timesteps: pass the network t scaled to 0..1000 (as if there were 1000 steps).
     :param eps_scale: default Epsilon Scaling schedule of the samplers (anything parse_eps_scale
         takes); None means lambda = 1.
+    :param eps_scaler: ADM-ES's key, for code written against ADM-ES: a number that is at once
+        the samplers' constant lambda and the input perturbation gamma of ``training_losses``
+        (x_t made from noise + gamma * extra noise), as in ADM-ES; 0.0, ADM-ES's default, is off.
+        ADM-ES also divides the VLB term's noise by it during training (infinite at its default);
+        that is not reproduced: training and likelihoods never scale.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class GaussianDiffusion:
         loss_type,
         rescale_timesteps=False,
         eps_scale=None,
+        eps_scaler=0.0,
     ):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
@@ -121,8 +127,12 @@ class GaussianDiffusion:
             raise ValueError("every beta must be in (0, 1]; check the noise schedule")
         self.betas = betas
         self.num_timesteps = len(betas)
-        self.eps_scale = parse_eps_scale(eps_scale)
+        adm_es = adm_es_eps_scale(eps_scaler)
+        if adm_es is not None and eps_scale is not None and parse_eps_scale(eps_scale) != adm_es:
+            raise ValueError(f"eps_scale {eps_scale} and ADM-ES's eps_scaler {eps_scaler} disagree; give one")
+        self.eps_scale = adm_es if adm_es is not None else parse_eps_scale(eps_scale)
         self.eps_scale.validate(self.num_timesteps)
+        self.eps_scaler = 0.0 if adm_es is None else adm_es.b
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
@@ -608,12 +618,15 @@ class GaussianDiffusion:
 
         :param input_noise: if given, x_t is made with it instead of ``noise`` while the epsilon
             target stays ``noise`` (DDPM-IP's input perturbation: noise + gamma * extra noise).
+            Otherwise, with ADM-ES's ``eps_scaler`` set, it is drawn here as ADM-ES draws it.
         :return: dict with 'loss' and, depending on the loss type, 'mse' and 'vb'.
         """
         if model_kwargs is None:
             model_kwargs = {}
         if noise is None:
             noise = th.randn_like(x_start)
+        if input_noise is None and self.eps_scaler:
+            input_noise = noise + self.eps_scaler * th.randn_like(noise)
         x_t = self.q_sample(x_start, t, noise=noise if input_noise is None else input_noise)
 
         terms = {}

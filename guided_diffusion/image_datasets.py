@@ -32,7 +32,7 @@ def load_data(
     class_cond=False,
     deterministic=False,
     random_crop=False,
-    random_flip=None,
+    random_flip=True,
     seed=None,
     start_batch=0,
 ):
@@ -41,8 +41,8 @@ def load_data(
     :param data_dir: a folder of images (searched recursively), ``digits`` or ``digits:SIZE``.
     :param deterministic: keep the file order instead of shuffling every epoch.
     :param random_crop: ADM's random-resized crop instead of the center crop (folders only).
-    :param random_flip: mirror half of the images; None means ADM's default for folders (True)
-        and False for digits (a mirrored digit is not a digit).
+    :param random_flip: mirror half of the images (folders only: a mirrored digit is not a digit,
+        so the digits are never mirrored).
     :param seed: seed of the shuffles and augmentations; None draws one from Python's RNG.
     :param start_batch: index of the first batch to yield (a resumed run passes its step).
     """
@@ -55,9 +55,7 @@ def load_data(
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     if is_digits_spec(data_dir):
         size = checked_digits_size(data_dir, image_size)
-        dataset = DigitsDataset(
-            size, class_cond=class_cond, shard=rank, num_shards=world, random_flip=bool(random_flip)
-        )
+        dataset = DigitsDataset(size, class_cond=class_cond, shard=rank, num_shards=world, random_flip=False)
         num_workers = 0  # in memory already
     else:
         files = list_image_files_recursively(data_dir)
@@ -68,7 +66,7 @@ def load_data(
             shard=rank,
             num_shards=world,
             random_crop=random_crop,
-            random_flip=True if random_flip is None else random_flip,
+            random_flip=random_flip,
         )
         num_workers = 1
     if len(dataset) < batch_size:
@@ -127,18 +125,27 @@ class ResumableBatchSampler:
             epoch += 1
 
 
+def _list_image_files_recursively(data_dir):
+    """ADM's file list: the folder's entries in sorted name order, an image (.jpg, .jpeg, .png,
+    .gif, any case) taken as it comes and a sub-folder listed in its place, recursively. The
+    order decides which rank reads which file, so it is ADM's exactly."""
+    found = []
+    for name in sorted(os.listdir(data_dir)):
+        path = os.path.join(data_dir, name)
+        if "." in name and name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS:
+            found.append(path)
+        elif os.path.isdir(path):
+            found.extend(_list_image_files_recursively(path))
+    return found
+
+
 def list_image_files_recursively(data_dir) -> list[str]:
-    """Every image under ``data_dir``, sorted by path so that each rank sees the same list."""
+    """ADM's list of the images under ``data_dir``; a missing folder or one without images is an error."""
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(
             f"data directory {data_dir} does not exist; pass --data_dir a folder of images, digits or digits:SIZE"
         )
-    found = []
-    for root, dirs, names in os.walk(data_dir):
-        dirs.sort()
-        found += [
-            os.path.join(root, n) for n in sorted(names) if n.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
-        ]
+    found = _list_image_files_recursively(data_dir)
     if not found:
         raise ValueError(f"no .{', .'.join(IMAGE_EXTENSIONS)} images found under {data_dir}")
     return found
@@ -169,8 +176,8 @@ class ImageDataset(Dataset):
     def __len__(self):
         return len(self.local_images)
 
-    def __getitem__(self, key):
-        index, aug_seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, idx):
+        index, aug_seed = idx if isinstance(idx, tuple) else (idx, None)
         rng = random.Random(aug_seed)
         path = self.local_images[index]
         with Image.open(path) as pil_image:

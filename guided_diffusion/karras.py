@@ -1,7 +1,8 @@
 """EDM's samplers (Karras et al., NeurIPS 2022) with Epsilon Scaling, on any denoiser.
 
 A denoiser is a callable ``D(x, sigma, class_labels)`` returning its estimate of the clean image
-from x = x0 + sigma * noise; ``sigma`` arrives as one value per sample. It may carry
+from x = x0 + sigma * noise; ``sigma`` arrives as a 0-d tensor (one noise level for the whole
+batch, as EDM's sampler passes it; ADMDenoiser also takes one value per sample). It may carry
 ``sigma_min`` / ``sigma_max`` (the sampler's range is clipped to them) and ``round_sigma``
 (noise levels snap to the ones the network knows), as EDM's networks do. ``ADMDenoiser`` makes
 one out of an ADM epsilon model.
@@ -16,6 +17,7 @@ t = sampling_order_t(i, N); the Heun correction of a step uses that step's lambd
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from .sample_io import standard_normal
 
 __all__ = [
     "SOLVERS", "DISCRETIZATIONS", "edm_sigmas", "iddpm_sigmas", "sampling_sigmas",
-    "network_evaluations", "karras_sample", "ADMDenoiser",
+    "network_evaluations", "karras_sample", "BoundDenoiser", "EDMSeedNoise", "ADMDenoiser",
 ]
 
 SOLVERS = ("heun", "euler")
@@ -56,10 +58,14 @@ def edm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0
 
 def iddpm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81.0, M: int = 1000,
                  C_1: float = 0.001, C_2: float = 0.008) -> torch.Tensor:
-    """iDDPM's noise levels as EDM's ablations use them: N of its M levels in [sigma_min, sigma_max], evenly picked."""
+    """iDDPM's noise levels as EDM's ablations use them: N of its M levels in [sigma_min, sigma_max], evenly picked.
+
+    The levels are EDM's float64 ones (edm_networks.iddpm_sigma_levels), so the range test keeps
+    the same levels as EDM's sampler when a bound is a network's float32 level.
+    """
     _check_steps(num_steps)
     _check_range(sigma_min, sigma_max)
-    levels = torch.tensor(iddpm_sigma_levels(M, C_1, C_2), dtype=torch.float64)
+    levels = iddpm_sigma_levels(M, C_1, C_2, dtype=torch.float64)
     inside = levels[(levels >= sigma_min) & (levels <= sigma_max)]
     if len(inside) < 2:
         raise ValueError(f"iDDPM has fewer than 2 noise levels in [{sigma_min}, {sigma_max}]; widen the range")
@@ -106,9 +112,13 @@ def karras_sample(denoiser, shape, *, num_steps: int = 18, solver: str = "heun",
 
     ``noise`` is the N(0, I) latent (drawn from ``generator`` when None; the run starts at
     noise * sigma_max). S_churn > 0 adds EDM's stochastic noise on levels in [S_min, S_max], drawn
-    from ``churn_generator`` (default ``generator``): torch.Generator or sample_io.ImageNoise.
-    ``eps_scale`` is anything eps_scaling.parse_eps_scale accepts, with one value per noise
-    level for tables. Returns the float64 sample.
+    from ``churn_generator`` (default ``generator``): a torch.Generator or sample_io.ImageNoise,
+    asked only on the steps that churn. A ``churn_generator`` with a ``randn_like(x)`` method
+    (``EDMSeedNoise``) is asked on every step instead, churning or not, for noise shaped and typed
+    like the float64 x, as EDM's generate.py draws it. ``eps_scale`` is anything
+    eps_scaling.parse_eps_scale accepts, with one value per noise level for tables. Returns the
+    float64 sample. The arithmetic is EDM's edm_sampler's: with lambda = 1 and EDM's randomness
+    the result is EDM's, bit for bit, on the same device.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver {solver!r} is not one of {', '.join(SOLVERS)}")
@@ -124,13 +134,15 @@ def karras_sample(denoiser, shape, *, num_steps: int = 18, solver: str = "heun",
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
     device = noise.device if device is None else torch.device(device)
     churn_generator = generator if churn_generator is None else churn_generator
+    every_step_noise = getattr(churn_generator, "randn_like", None)
 
     sigmas = sampling_sigmas(denoiser, num_steps, discretization, sigma_min, sigma_max, rho).to(device)
-    batch = shape[0]
 
     def derivative(x, sigma, t):
         """dx/dsigma at (x, sigma) with ES: (x - D(x; sigma)) / sigma / lambda_t."""
-        denoised = denoiser(x, sigma.expand(batch), class_labels).to(torch.float64)
+        # sigma goes in as one 0-d level for the whole batch, as EDM's sampler passes it (a network
+        # then embeds one noise level, not one per image: the float32 rounding EDM's images have)
+        denoised = denoiser(x, sigma, class_labels).to(torch.float64)
         return scale_eps((x - denoised) / sigma, schedule, t, num_steps)
 
     gamma_churn = min(S_churn / num_steps, math.sqrt(2) - 1)
@@ -143,10 +155,12 @@ def karras_sample(denoiser, shape, *, num_steps: int = 18, solver: str = "heun",
     for i in steps:
         t = sampling_order_t(i, num_steps)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        drawn = every_step_noise(x) if every_step_noise is not None else None
         if gamma_churn > 0 and S_min <= float(sigma) <= S_max:
-            sigma_hat = _round_sigma(denoiser, sigma * (1 + gamma_churn))
-            churn = standard_normal(tuple(shape), churn_generator, device=device).to(torch.float64)
-            x = x + (sigma_hat**2 - sigma**2).sqrt() * S_noise * churn
+            sigma_hat = _round_sigma(denoiser, sigma + gamma_churn * sigma)
+            if drawn is None:
+                drawn = standard_normal(tuple(shape), churn_generator, device=device).to(torch.float64)
+            x = x + (sigma_hat**2 - sigma**2).sqrt() * S_noise * drawn
             sigma = sigma_hat
         d = derivative(x, sigma, t)
         x_next = x + (sigma_next - sigma) * d
@@ -155,6 +169,86 @@ def karras_sample(denoiser, shape, *, num_steps: int = 18, solver: str = "heun",
             x_next = x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
         x = x_next
     return x
+
+
+class BoundDenoiser:
+    """``call(x, sigma, class_labels)`` as a denoiser with the noise range and levels of ``network``.
+
+    A wrapper around a network (speed switches, fixed-size chunks, a lambda) hides the network's
+    ``sigma_min``, ``sigma_max`` and ``round_sigma``; karras_sample needs them to clip and snap
+    its noise levels as EDM's sampler does. This keeps them.
+    """
+
+    def __init__(self, call, network):
+        self.call = call
+        self.network = network
+
+    @property
+    def sigma_min(self) -> float:
+        return float(getattr(self.network, "sigma_min", 0.0))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(getattr(self.network, "sigma_max", math.inf))
+
+    def round_sigma(self, sigma):
+        rounding = getattr(self.network, "round_sigma", None)
+        return torch.as_tensor(sigma) if rounding is None else rounding(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.call(x, sigma, class_labels)
+
+
+class EDMSeedNoise:
+    """EDM's per-seed randomness (its generate.py), for one batch of seeds.
+
+    Each seed has its own torch.Generator on the sampling ``device``, seeded with seed mod 2^32;
+    a draw takes one row from each in turn. A batch draws, in this order: the float32 latents
+    (``randn``), then, for a conditional network, one class index per seed (``one_hot_labels``),
+    then at every sampler step one float64 array shaped like x (``randn_like``), which
+    karras_sample adds only on the steps that churn. CPU and CUDA generators give different
+    numbers: EDM's images are those of the device it ran on.
+    """
+
+    def __init__(self, seeds: Sequence[int], device="cpu"):
+        self.seeds = [int(s) for s in seeds]
+        if not self.seeds:
+            raise ValueError("EDMSeedNoise needs at least one seed")
+        self.device = torch.device(device)
+        self.generators = []
+        for seed in self.seeds:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed % (1 << 32))
+            self.generators.append(gen)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def _check(self, shape):
+        if shape[0] != len(self.generators):
+            raise ValueError(f"asked for a draw of batch {shape[0]} from the generators of {len(self)} seeds")
+
+    def randn(self, shape, device=None, dtype=torch.float32) -> torch.Tensor:
+        shape = tuple(shape)
+        self._check(shape)
+        rows = [torch.randn(shape[1:], generator=g, dtype=dtype, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, device=x.device, dtype=x.dtype)
+
+    def randint(self, high: int, device=None) -> torch.Tensor:
+        rows = [torch.randint(high, (), generator=g, device=self.device) for g in self.generators]
+        return torch.stack(rows).to(self.device if device is None else device)
+
+    def one_hot_labels(self, label_dim: int, class_idx: int | None = None, device=None) -> torch.Tensor:
+        """Float32 one-hot rows: a random class per seed (drawn even when ``class_idx`` fixes it, as EDM does)."""
+        index = self.randint(label_dim, device=device)
+        if class_idx is not None:
+            if not 0 <= int(class_idx) < label_dim:
+                raise ValueError(f"class {class_idx} is outside the network's {label_dim} classes (0..{label_dim - 1})")
+            index = torch.full_like(index, int(class_idx))
+        return torch.eye(label_dim, device=index.device)[index]
 
 
 class ADMDenoiser:

@@ -1,128 +1,540 @@
-"""ADM's logger interface (configure, log, logkv, logkv_mean, dumpkvs, get_dir), kept small.
+"""ADM's logger (the OpenAI-baselines interface that guided-diffusion ships), written afresh.
 
-Key-value rows go to progress.csv and log.txt in the log folder (``--log_dir``, $OPENAI_LOGDIR, or a
-time-stamped folder in the system temp dir, as ADM); only rank 0 writes unless told otherwise.
+Key-value diagnostics are collected with ``logkv`` / ``logkv_mean`` and written as one row by
+``dumpkvs`` to every configured output; ``log`` writes free text to the outputs that take text.
+Outputs, by name (``format_strs`` of ``configure``, or $OPENAI_LOG_FORMAT):
+
+* ``stdout``: a table per row on standard output (text too);
+* ``log``: the same table (and text) in ``log{suffix}.txt``;
+* ``json``: one JSON object per row in ``progress{suffix}.json``;
+* ``csv``: ``progress{suffix}.csv``, a header of every key seen so far (new keys are appended in
+  sorted order and earlier rows padded), one line per row, an absent value left empty;
+* ``tensorboard``: scalar events in ``tb{suffix}/events.out.tfevents.*`` (written without TensorFlow).
+
+``configure(dir)`` picks the folder: ``dir``, else $OPENAI_LOGDIR, else a time-stamped folder in the
+system temp dir. A process of rank r > 0 adds ``-rank{r:03d}`` to the suffix and by default writes
+only its ``log`` ($OPENAI_LOG_FORMAT_MPI); rank 0 writes ``stdout,log,csv``. With ``comm`` (an MPI
+communicator), ``dumpkvs`` averages each key over the ranks, weighted by how often each rank logged it.
+
+One difference from ADM: before ``configure`` is called, the logger writes to stdout only and
+``get_dir()`` is None (ADM would create a folder in the temp dir on first use).
 """
 
 from __future__ import annotations
 
-import csv
 import datetime
+import functools
+import json
 import os
+import socket
+import struct
+import sys
 import tempfile
+import time
+import warnings
 from collections import defaultdict
+from contextlib import contextmanager
 
-DEBUG, INFO, WARN, ERROR, DISABLED = 10, 20, 30, 40, 50
+DEBUG = 10
+INFO = 20
+WARN = 30
+ERROR = 40
+DISABLED = 50
+
+_MAX_CELL = 30  # longest key or value shown in a table cell
 
 
-class _Logger:
-    def __init__(self, folder: str | None, formats: tuple[str, ...], rank: int = 0):
-        self.folder = folder
-        self.rank = rank
-        self.level = INFO
-        self.values: dict[str, float] = {}
-        self.sums = defaultdict(float)
-        self.counts = defaultdict(int)
-        self._csv_keys: list[str] = []
-        self._text = open(os.path.join(folder, "log.txt"), "a") if folder and "log" in formats else None
-        self._csv_path = os.path.join(folder, "progress.csv") if folder and "csv" in formats else None
-        self._stdout = "stdout" in formats
+class KVWriter:
+    """An output that takes rows of key-value pairs."""
 
-    def log(self, *args, level=INFO):
-        if level < self.level:
+    def writekvs(self, kvs):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class SeqWriter:
+    """An output that takes free text (a sequence of strings, written space-separated on one line)."""
+
+    def writeseq(self, seq):
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class HumanOutputFormat(KVWriter, SeqWriter):
+    """Readable tables and text, to a file name (opened for writing) or an open text stream."""
+
+    def __init__(self, filename_or_file):
+        if isinstance(filename_or_file, (str, os.PathLike)):
+            self.file = open(filename_or_file, "wt")
+            self.own_file = True
+        else:
+            if not hasattr(filename_or_file, "write"):
+                raise TypeError(f"HumanOutputFormat needs a file name or a writable stream, got {filename_or_file!r}")
+            self.file = filename_or_file
+            self.own_file = False
+
+    def writekvs(self, kvs):
+        cells = {}
+        for key, value in sorted(kvs.items()):
+            shown = "%-8.3g" % value if hasattr(value, "__float__") else str(value)
+            cells[self._truncate(str(key))] = self._truncate(shown)
+        if not cells:
+            print("WARNING: tried to write empty key-value dict")
             return
-        line = " ".join(str(a) for a in args)
-        if self._stdout:
-            print(line, flush=True)
-        if self._text:
-            self._text.write(line + "\n")
-            self._text.flush()
+        key_width = max(len(k) for k in cells)
+        value_width = max(len(v) for v in cells.values())
+        rule = "-" * (key_width + value_width + 7)
+        rows = [rule]
+        for key, value in sorted(cells.items(), key=lambda item: item[0].lower()):
+            rows.append(f"| {key.ljust(key_width)} | {value.ljust(value_width)} |")
+        rows.append(rule)
+        self.file.write("\n".join(rows) + "\n")
+        self.file.flush()
 
-    def dumpkvs(self) -> dict:
-        row = dict(self.values)
-        for key, total in self.sums.items():
-            row[key] = total / self.counts[key]
-        self.values.clear()
-        self.sums.clear()
-        self.counts.clear()
-        if not row:
-            return row
-        width = max(len(k) for k in row)
-        table = "\n".join(f"| {k:<{width}} | {_fmt(v):>12} |" for k, v in sorted(row.items()))
-        self.log("-" * (width + 19) + "\n" + table + "\n" + "-" * (width + 19))
-        if self._csv_path:
-            self._write_csv(row)
-        return row
+    def _truncate(self, s):
+        return s if len(s) <= _MAX_CELL else s[: _MAX_CELL - 3] + "..."
 
-    def _write_csv(self, row):
-        new_keys = [k for k in sorted(row) if k not in self._csv_keys]
-        rows = []
-        if new_keys and os.path.exists(self._csv_path):
-            with open(self._csv_path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        self._csv_keys += new_keys
-        mode = "w" if new_keys else "a"
-        with open(self._csv_path, mode, newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self._csv_keys)
-            if new_keys:
-                writer.writeheader()
-                writer.writerows(rows)
-            writer.writerow(row)
+    def writeseq(self, seq):
+        self.file.write(" ".join(seq) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.own_file:
+            self.file.close()
 
 
-def _fmt(v) -> str:
-    return f"{v:<8.3g}" if isinstance(v, float) else str(v)
+class _CurrentStdout:
+    """Writes to whatever sys.stdout is at the time of writing (pytest and notebooks replace it)."""
+
+    def write(self, text):
+        return sys.stdout.write(text)
+
+    def flush(self):
+        sys.stdout.flush()
 
 
-_current = _Logger(None, ("stdout",))
+_STDOUT = _CurrentStdout()
 
 
-def configure(dir: str | None = None, format_strs=None, rank: int | None = None) -> None:
-    """Start logging to ``dir`` (created). Ranks other than 0 log nothing unless ``format_strs`` says."""
-    global _current
-    if rank is None:
-        from . import dist_util
+def _plain(value):
+    """A value JSON can hold: numpy and torch scalars become floats."""
+    return float(value) if hasattr(value, "dtype") else value
 
-        rank = dist_util.get_rank()
-    if dir is None:
-        dir = os.getenv("OPENAI_LOGDIR") or os.path.join(
-            tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
+
+class JSONOutputFormat(KVWriter):
+    """One JSON object per row (JSON lines)."""
+
+    def __init__(self, filename):
+        self.file = open(filename, "wt")
+
+    def writekvs(self, kvs):
+        self.file.write(json.dumps({key: _plain(value) for key, value in kvs.items()}) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class CSVOutputFormat(KVWriter):
+    """A CSV table whose header grows as new keys appear (earlier rows are padded with empty cells)."""
+
+    def __init__(self, filename):
+        self.file = open(filename, "w+t")
+        self.keys = []
+        self.sep = ","
+
+    def writekvs(self, kvs):
+        new_keys = sorted(set(kvs) - set(self.keys))
+        if new_keys:
+            self.keys.extend(new_keys)
+            self.file.seek(0)
+            old_lines = self.file.read().splitlines()[1:]  # every row but the old header
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(self.sep.join(self.keys) + "\n")
+            for line in old_lines:
+                self.file.write(line + self.sep * len(new_keys) + "\n")
+        cells = ["" if kvs.get(k) is None else str(kvs[k]) for k in self.keys]
+        self.file.write(self.sep.join(cells) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+# -- TensorBoard event files, without TensorFlow ----------------------------------------------------
+#
+# An event file is a sequence of TFRecords: little-endian uint64 length, its masked CRC-32C, the
+# payload, the payload's masked CRC-32C. Each payload is a serialized tensorflow.Event protobuf
+# (wall_time = 1: double, step = 2: int64, file_version = 3: string, summary = 5: Summary), a
+# Summary being repeated Value (tag = 1: string, simple_value = 2: float).
+
+
+def _crc32c_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as TFRecord framing uses it."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event_bytes(wall_time: float, step: int, *, file_version: str | None = None, scalars=None) -> bytes:
+    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
+    if file_version is not None:
+        out += _length_delimited(3, file_version.encode())
+    if scalars:
+        values = b"".join(
+            _length_delimited(1, _length_delimited(1, str(tag).encode()) + _varint(2 << 3 | 5) + struct.pack("<f", v))
+            for tag, v in scalars
         )
-    os.makedirs(dir, exist_ok=True)
-    if format_strs is None:
-        format_strs = ("stdout", "log", "csv") if rank == 0 else ()
-    _current = _Logger(dir, tuple(format_strs), rank)
-    log(f"Logging to {dir}")
+        out += _length_delimited(5, values)
+    return out
 
 
-def get_dir() -> str | None:
-    return _current.folder
+def _record(payload: bytes) -> bytes:
+    length = struct.pack("<Q", len(payload))
+    return length + struct.pack("<I", _masked_crc(length)) + payload + struct.pack("<I", _masked_crc(payload))
 
 
-def log(*args, level=INFO):
-    _current.log(*args, level=level)
+class TensorBoardOutputFormat(KVWriter):
+    """Every row as TensorBoard scalars at steps 1, 2, 3, ... in ``dir``/events.out.tfevents.*."""
+
+    def __init__(self, dir):
+        os.makedirs(dir, exist_ok=True)
+        self.dir = dir
+        self.step = 1
+        # the name TensorFlow's EventsWriter gives a file of prefix "events" (TensorBoard looks for "tfevents")
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+        self.path = os.path.join(os.path.abspath(dir), name)
+        self.writer = open(self.path, "ab")
+        self.writer.write(_record(_event_bytes(time.time(), 0, file_version="brain.Event:2")))
+        self.writer.flush()
+
+    def writekvs(self, kvs):
+        scalars = []
+        for key, value in kvs.items():
+            try:
+                scalars.append((key, float(value)))
+            except (TypeError, ValueError):
+                continue  # TensorBoard scalars are numbers; text stays in the other outputs
+        self.writer.write(_record(_event_bytes(time.time(), self.step, scalars=scalars)))
+        self.writer.flush()
+        self.step += 1
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+            self.writer = None
 
 
-def warn(*args):
-    _current.log(*args, level=WARN)
+def make_output_format(format, ev_dir, log_suffix=""):
+    """The output called ``format`` (stdout, log, json, csv, tensorboard), writing into ``ev_dir``."""
+    os.makedirs(ev_dir, exist_ok=True)
+    files = {
+        "log": lambda: HumanOutputFormat(os.path.join(ev_dir, f"log{log_suffix}.txt")),
+        "json": lambda: JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json")),
+        "csv": lambda: CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv")),
+        "tensorboard": lambda: TensorBoardOutputFormat(os.path.join(ev_dir, f"tb{log_suffix}")),
+        "stdout": lambda: HumanOutputFormat(_STDOUT),
+    }
+    if format not in files:
+        raise ValueError(f"unknown log format {format!r}; use one of {', '.join(sorted(files))}")
+    return files[format]()
 
 
-def set_level(level):
-    _current.level = level
+# -- the module-level interface -----------------------------------------------------------------
 
 
 def logkv(key, val):
-    _current.values[key] = val
+    """Record a diagnostic for this row; a later value for the same key replaces it."""
+    get_current().logkv(key, val)
 
 
 def logkv_mean(key, val):
-    _current.sums[key] += float(val)
-    _current.counts[key] += 1
+    """Record a diagnostic for this row; the row holds the mean of the values logged under the key."""
+    get_current().logkv_mean(key, val)
 
 
-def getkvs() -> dict:
-    return dict(_current.values)
+def logkvs(d):
+    """logkv for every item of the dict ``d``."""
+    for key, value in d.items():
+        logkv(key, value)
 
 
-def dumpkvs() -> dict:
-    return _current.dumpkvs()
+def dumpkvs():
+    """Write the row collected since the last dump to every output and start a new one; return it."""
+    return get_current().dumpkvs()
+
+
+def getkvs():
+    """The values of the row being collected (the logger's own dict)."""
+    return get_current().name2val
+
+
+def log(*args, level=INFO):
+    """Write the arguments, converted to strings and separated by spaces, to the text outputs."""
+    get_current().log(*args, level=level)
+
+
+def debug(*args):
+    log(*args, level=DEBUG)
+
+
+def info(*args):
+    log(*args, level=INFO)
+
+
+def warn(*args):
+    log(*args, level=WARN)
+
+
+def error(*args):
+    log(*args, level=ERROR)
+
+
+def set_level(level):
+    """Write text of this level and above only (DISABLED silences it)."""
+    get_current().set_level(level)
+
+
+def set_comm(comm):
+    get_current().set_comm(comm)
+
+
+def get_dir():
+    """The folder the outputs write into (None before ``configure``)."""
+    return get_current().get_dir()
+
+
+record_tabular = logkv
+dump_tabular = dumpkvs
+
+
+@contextmanager
+def profile_kv(scopename):
+    """Add the seconds spent inside the block to the row's ``wait_{scopename}``."""
+    key = "wait_" + scopename
+    start = time.time()
+    try:
+        yield
+    finally:
+        get_current().name2val[key] += time.time() - start
+
+
+def profile(n):
+    """Decorator: time every call of the function into ``wait_{n}`` (see profile_kv)."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def timed(*args, **kwargs):
+            with profile_kv(n):
+                return func(*args, **kwargs)
+
+        return timed
+
+    return decorate
+
+
+# -- the logger object ----------------------------------------------------------------------------
+
+
+def get_current():
+    """The logger the module-level functions use."""
+    if Logger.CURRENT is None:
+        _configure_default_logger()
+    return Logger.CURRENT
+
+
+class Logger:
+    DEFAULT = None  # the stdout-only logger in use before configure()
+    CURRENT = None  # the logger the module-level functions write to
+
+    def __init__(self, dir, output_formats, comm=None):
+        self.name2val = defaultdict(float)  # this row's values
+        self.name2cnt = defaultdict(int)  # how many values logkv_mean has averaged per key
+        self.level = INFO
+        self.dir = dir
+        self.output_formats = output_formats
+        self.comm = comm
+
+    def logkv(self, key, val):
+        self.name2val[key] = val
+
+    def logkv_mean(self, key, val):
+        count = self.name2cnt[key]
+        # running mean: the mean of the first count values, updated with one more
+        self.name2val[key] = self.name2val[key] * count / (count + 1) + val / (count + 1)
+        self.name2cnt[key] = count + 1
+
+    def dumpkvs(self):
+        if self.comm is None:
+            row = self.name2val
+        else:
+            counted = {key: (value, self.name2cnt.get(key, 1)) for key, value in self.name2val.items()}
+            row = mpi_weighted_mean(self.comm, counted)
+            if self.comm.rank != 0:
+                row["dummy"] = 1  # the means live on rank 0; keep the other ranks' tables non-empty
+        result = dict(row)
+        for output in self.output_formats:
+            if isinstance(output, KVWriter):
+                output.writekvs(row)
+        self.name2val.clear()
+        self.name2cnt.clear()
+        return result
+
+    def log(self, *args, level=INFO):
+        if level >= self.level:
+            self._do_log(args)
+
+    def set_level(self, level):
+        self.level = level
+
+    def set_comm(self, comm):
+        self.comm = comm
+
+    def get_dir(self):
+        return self.dir
+
+    def close(self):
+        for output in self.output_formats:
+            output.close()
+
+    def _do_log(self, args):
+        for output in self.output_formats:
+            if isinstance(output, SeqWriter):
+                output.writeseq([str(a) for a in args])
+
+
+def get_rank_without_mpi_import():
+    """This process's rank from the launcher's environment (MPICH/Intel MPI, Open MPI, torchrun); 0 if none.
+
+    Reading the environment avoids importing mpi4py, which would initialise MPI.
+    """
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
+
+
+def mpi_weighted_mean(comm, local_name2valcount):
+    """On rank 0 of ``comm``: key -> sum(value * count) / sum(count) over every rank's
+    {key: (value, count)}; {} on the other ranks. Values that are not numbers are left out (warned)."""
+    gathered = comm.gather(local_name2valcount)
+    if comm.rank != 0:
+        return {}
+    sums = defaultdict(float)
+    counts = defaultdict(float)
+    for per_rank in gathered:
+        for key, (value, count) in per_rank.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                warnings.warn(f"WARNING: tried to compute mean on non-float {key}={value}")
+                continue
+            sums[key] += number * count
+            counts[key] += count
+    return {key: sums[key] / counts[key] for key in sums}
+
+
+def configure(dir=None, format_strs=None, comm=None, log_suffix="", *, rank=None):
+    """Send the log to ``dir`` (created) through the outputs named in ``format_strs``.
+
+    ``dir`` defaults to $OPENAI_LOGDIR, else a new time-stamped folder in the temp dir;
+    ``format_strs`` to $OPENAI_LOG_FORMAT (``stdout,log,csv``) on rank 0 and to
+    $OPENAI_LOG_FORMAT_MPI (``log``) on the others, whose file names get ``-rank{rank:03d}``.
+    ``rank`` (this package's addition) overrides the rank read from the launcher's environment.
+    """
+    if dir is None:
+        dir = os.getenv("OPENAI_LOGDIR")
+    if dir is None:
+        dir = os.path.join(tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))
+    dir = os.path.expanduser(os.fspath(dir))
+    os.makedirs(dir, exist_ok=True)
+    if rank is None:
+        rank = _process_rank()
+    if rank > 0:
+        log_suffix = f"{log_suffix}-rank{rank:03d}"
+    if format_strs is None:
+        if rank == 0:
+            format_strs = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
+        else:
+            format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
+    output_formats = [make_output_format(f, dir, log_suffix) for f in format_strs if f]
+    if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
+        Logger.CURRENT.close()
+    Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)
+    if output_formats:
+        log(f"Logging to {dir}")
+
+
+def _process_rank() -> int:
+    """torch.distributed's rank once it is set up, else the launcher's (see get_rank_without_mpi_import)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return get_rank_without_mpi_import()
+
+
+def _configure_default_logger():
+    Logger.DEFAULT = Logger(dir=None, output_formats=[HumanOutputFormat(_STDOUT)])
+    Logger.CURRENT = Logger.DEFAULT
+
+
+def reset():
+    """Close the configured logger and go back to the default one."""
+    if Logger.CURRENT is not Logger.DEFAULT:
+        Logger.CURRENT.close()
+        Logger.CURRENT = Logger.DEFAULT
+        log("Reset logger")
+
+
+@contextmanager
+def scoped_configure(dir=None, format_strs=None, comm=None, log_suffix="", *, rank=None):
+    """configure() for the duration of a ``with`` block; the previous logger is restored after it."""
+    previous = Logger.CURRENT
+    Logger.CURRENT = None  # so that configure() does not close the logger it will restore
+    configure(dir=dir, format_strs=format_strs, comm=comm, log_suffix=log_suffix, rank=rank)
+    try:
+        yield
+    finally:
+        Logger.CURRENT.close()
+        Logger.CURRENT = previous

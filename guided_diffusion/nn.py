@@ -11,8 +11,11 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-# ADM defined its own SiLU for torch < 1.7; the alias keeps `nn.SiLU` imports from ADM code working.
-SiLU = nn.SiLU
+class SiLU(nn.SiLU):
+    """x * sigmoid(x): torch's SiLU under ADM's name (ADM wrote its own for torch < 1.7)."""
+
+    def forward(self, x):
+        return super().forward(x)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -92,6 +95,37 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """ADM's gradient checkpoint as an autograd Function: ``apply(run_function, length, *args)``.
+
+    ``args`` are ``length`` inputs followed by the parameters ``run_function`` uses. The forward
+    pass keeps only the inputs; backward runs ``run_function`` again with gradients on and
+    differentiates that. Unlike ``checkpoint`` above, dropout draws new masks in the second run,
+    as in ADM; it is here for code that calls it directly.
+    """
+
+    @staticmethod
+    def forward(ctx, run_function, length, *args):
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        with torch.no_grad():
+            return run_function(*ctx.input_tensors)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        inputs = [x.detach().requires_grad_(True) for x in ctx.input_tensors]
+        with torch.enable_grad():
+            # views, so that a function that starts with an in-place op does not modify the
+            # detached leaves themselves
+            outputs = ctx.run_function(*[x.view_as(x) for x in inputs])
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        grads = torch.autograd.grad(outputs, inputs + ctx.input_params, output_grads, allow_unused=True)
+        del ctx.input_tensors, ctx.input_params
+        return (None, None) + tuple(grads)
 
 
 def checkpoint(func, inputs, params, flag):

@@ -4,10 +4,16 @@ A cell is (config, number of sampling steps, variant): ``base`` (lambda = 1), ``
 uniform lambda) or ``es-linear`` (the paper's linear schedule). The commands download the
 checkpoint(s) and reference batch when missing, sample 50,000 images over N GPUs with mpirun, and
 score them with the evaluator.
+
+Each command is one line of shell with every path quoted (a space or a ``'`` in a folder name
+works). A download that fails (offline, no curl, HTTP error) ends in one ``error:`` line naming
+the URL and the file it was meant to become, exit status 2, and leaves neither that file nor a
+partial one behind.
 """
 
 from __future__ import annotations
 
+import argparse
 import shlex
 from pathlib import Path
 
@@ -17,12 +23,29 @@ from .script_util import load_config, sampling_eps_scale
 VARIANTS = ("base", "es", "es-linear")
 
 
+def _error(template: str, *words: str) -> str:
+    """Shell that prints one ``error:`` line to stderr and exits 2. ``words`` are shell words, quoted
+    by the caller; they are printf's arguments, never its format, so a ``%`` in a path is harmless."""
+    line = shlex.quote("error: " + template + "\n")
+    return "{ printf " + " ".join([line, *words]) + " >&2; exit 2; }"
+
+
 def _download(url: str | None, dest: Path, what: str) -> str:
+    """One line of shell: nothing when ``dest`` exists, else fetch ``url`` into ``dest`` or fail in one line."""
+    target = shlex.quote(str(dest))
     if not url:
-        return f"[ -f {shlex.quote(str(dest))} ] || {{ echo 'put the {what} at {dest} (no public URL known)' >&2; exit 1; }}"
-    part = shlex.quote(str(dest) + ".part")
-    return (f"[ -f {shlex.quote(str(dest))} ] || {{ curl -fL --retry 3 -o {part} {shlex.quote(url)} && "
-            f"mv {part} {shlex.quote(str(dest))}; }}")
+        return f"[ -f {target} ] || " + _error(
+            "%s is not at %s and has no public download URL; put the file there, then rerun",
+            shlex.quote(what), target)
+    part, link = shlex.quote(str(dest) + ".part"), shlex.quote(url)
+    by_hand = "; download it there yourself, then rerun"
+    no_curl = _error("cannot download %s to %s: curl is not installed" + by_hand, link, target)
+    reason = "\"$(printf %s \"$why\" | tr -s '\\n' ' ')\""  # curl's own message, kept on the same line
+    failed = _error("could not download %s to %s (%s)" + by_hand, link, target, reason)
+    # The file appears only when complete (.part, then mv); a failure removes the partial file.
+    return (f"[ -f {target} ] || {{ command -v curl >/dev/null 2>&1 || {no_curl}; "
+            f"why=$(curl -fsSL --retry 3 --connect-timeout 30 -o {part} {link} 2>&1) "
+            f"&& mv -f {part} {target} || {{ rm -f {part}; {failed}; }}; }}")
 
 
 def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1, work_dir: str = "runs",
@@ -35,9 +58,12 @@ def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1,
     if config.get("kind", "diffusion") != "diffusion":
         raise UsageError(f"{config_name} is a {config.get('kind')} config; a table cell needs a diffusion model")
     name = config["name"]
+    if "\n" in str(work_dir) or "\r" in str(work_dir):
+        raise UsageError(f"the work folder {work_dir!r} has a line break in its name; choose another")
     work = Path(work_dir)
     models, refs = work / "models", work / "reference"
-    commands = [f"mkdir -p {shlex.quote(str(models))} {shlex.quote(str(refs))}"]
+    commands = [f"mkdir -p {shlex.quote(str(models))} {shlex.quote(str(refs))} 2>/dev/null || "
+                + _error("cannot create %s; choose a writable work folder (WORK_DIR)", shlex.quote(str(work)))]
     model_file = models / (config.get("checkpoint_file") or f"{name}.pt")
     commands.append(_download(config.get("checkpoint_url"), model_file, f"{name} checkpoint"))
 

@@ -80,7 +80,7 @@ class SpacedDiffusion(GaussianDiffusion):
         self.original_num_steps = len(kwargs["betas"])
 
         # eps_scale belongs to the spaced chain; a table of its length would not fit the base one.
-        base_diffusion = GaussianDiffusion(**{**kwargs, "eps_scale": None})
+        base_diffusion = GaussianDiffusion(**{**kwargs, "eps_scale": None, "eps_scaler": 0.0})
         last_alpha_cumprod = 1.0
         new_betas = []
         for i, alpha_cumprod in enumerate(base_diffusion.alphas_cumprod):

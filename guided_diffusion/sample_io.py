@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from collections import deque
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +20,15 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .file_util import NpzWriter, atomic_write_text, sha256_file
+from .file_util import (
+    NpzWriter,
+    acquire_lock,
+    atomic_write_text,
+    folder_lock_file,
+    is_temp_name,
+    release_lock,
+    sha256_file,
+)
 
 # Independent random streams of one image.
 STREAM_NOISE = 0  # initial x_T and every per-step noise, in the order the sampler asks
@@ -146,12 +155,34 @@ class SampleRun:
         shape_str = "x".join(str(s) for s in (self.num_samples, *self.image_shape))
         self.final_path = self.output_dir / f"samples_{shape_str}.npz"
         self.sidecar_path = self.final_path.with_suffix(".json")
+        self.lock_file = folder_lock_file(self.output_dir)
         self.identity = {k: v for k, v in self.settings.items() if k not in NON_IMAGE_SETTINGS}
         self.identity.update(image_shape=list(self.image_shape), class_cond=self.class_cond)
 
     # -- set-up, called on every rank before any shard is written -------------------------------
+    def lock(self) -> None:
+        """Take the output folder's one-writer lock for this process (rank 0 of a run; see run_sampling).
+
+        Another process holding it (another run on this folder, any settings) is refused in one
+        line; the OS drops the lock when its holder ends, ``kill -9`` included.
+        """
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PermissionError(
+                f"cannot write to output folder {self.output_dir} ({exc.strerror}); choose a writable --output_dir"
+            ) from None
+        acquire_lock(self.lock_file, f"output folder {self.output_dir}")
+
+    def unlock(self) -> None:
+        release_lock(self.lock_file)
+
     def prepare(self) -> None:
-        """Create the folders and check earlier shards were made with the same settings (rank 0)."""
+        """Create the folders and check earlier shards were made with the same settings (rank 0).
+
+        Holding the folder's lock, it also removes what killed runs left: temporary files (no
+        other process can be writing them) and shards that cannot be read (made again).
+        """
         if self.rank != 0:
             return
         try:
@@ -164,6 +195,14 @@ class SampleRun:
                 f"cannot write to output folder {self.output_dir} ({exc.strerror}); "
                 "choose a writable --output_dir"
             ) from None
+        self.lock()
+        try:
+            self._prepare_locked()
+        finally:
+            self.unlock()
+
+    def _prepare_locked(self) -> None:
+        self._sweep_temporary_files()
         run_file = self.shard_dir / "run.json"
         mine = _jsonable(self.identity)
         earlier = self._earlier_identity(run_file)
@@ -175,18 +214,84 @@ class SampleRun:
                 f"{self.output_dir} holds samples made with other settings (differing: "
                 f"{', '.join(diff[:5])}); use another --output_dir or delete {made}"
             )
-        if earlier != mine:
+        if earlier != mine or not _json_ok(run_file):  # new, other settings that made no image, or damaged
             atomic_write_text(run_file, json.dumps(mine, indent=1, sort_keys=True))
-        for stale in self.shard_dir.glob("*.tmp*"):
-            stale.unlink(missing_ok=True)
+        if self.is_complete():
+            self._check_complete()
+        else:
+            self._remove_damaged_shards()
+
+    def _sweep_temporary_files(self) -> None:
+        """Temporary files of killed runs: every NAME.tmpPID in shards/, samples_*.tmpPID beside it."""
+        for folder, prefix in ((self.shard_dir, ""), (self.output_dir, "samples_")):
+            for stale in folder.iterdir():
+                if stale.name.startswith(prefix) and is_temp_name(stale.name) and stale.is_file():
+                    stale.unlink(missing_ok=True)
 
     def _earlier_identity(self, run_file: Path) -> dict | None:
         """The settings the folder's images were made with: shards/run.json, else the finished sidecar."""
         if run_file.exists():
-            return json.loads(run_file.read_text())
+            try:
+                return _read_json(run_file)
+            except UsageError as exc:
+                if self.done_indices():
+                    raise UsageError(
+                        f"{exc}; it records the settings that made the shards beside it: restore it, or "
+                        f"delete {self.shard_dir} to start over"
+                    ) from None
+                # it made no image: the finished sidecar (if any) says the rest, and it is rewritten
         if self.is_complete():
-            return json.loads(self.sidecar_path.read_text()).get("run_identity")
+            try:
+                return _read_json(self.sidecar_path).get("run_identity")
+            except UsageError as exc:
+                raise UsageError(f"{exc}; delete it and {self.final_path.name}, then rerun the same command "
+                                 "to make them again") from None
         return None
+
+    def _check_complete(self) -> None:
+        """A finished NPZ must be whole and its sidecar readable (a copy cut short, an edit)."""
+        fix = f"delete {self.final_path.name} and {self.sidecar_path.name}, then rerun the same command to make them again"
+        try:
+            record = _read_json(self.sidecar_path)
+        except UsageError as exc:
+            raise UsageError(f"{exc}; {fix}") from None
+        members = {"arr_0.npy": self.num_samples * int(np.prod(self.image_shape))}
+        if self.class_cond:
+            members["arr_1.npy"] = self.num_samples * 8
+        try:
+            with zipfile.ZipFile(self.final_path) as archive:
+                sizes = {info.filename: info.file_size for info in archive.infolist()}
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise UsageError(f"{self.final_path} is damaged ({_first_line(exc)}); {fix}") from None
+        short = [m for m, size in members.items() if sizes.get(m, -1) < size]
+        if short or record.get("npz") != self.final_path.name:
+            raise UsageError(f"{self.final_path} does not hold the {self.num_samples} images its sidecar "
+                             f"{self.sidecar_path.name} records; {fix}")
+
+    def _remove_damaged_shards(self) -> None:
+        """Shards that cannot be read are removed, with a log line: their images are made again."""
+        from . import logger
+
+        for p in sorted(self.shard_dir.iterdir()):
+            m = _SHARD_RE.match(p.name)
+            if m and not self._shard_is_whole(p, int(m.group(1)), int(m.group(2))):
+                p.unlink(missing_ok=True)
+                logger.log(f"removed damaged shard {p}; its images are made again")
+
+    def _shard_is_whole(self, path: Path, first: int, last: int) -> bool:
+        count = last - first + 1
+        try:
+            with zipfile.ZipFile(path) as archive:
+                sizes = {info.filename: info.file_size for info in archive.infolist()}
+                if sizes.get("images.npy", -1) < count * int(np.prod(self.image_shape)):
+                    return False
+                if self.class_cond and sizes.get("labels.npy", -1) < count * 8:
+                    return False
+                with archive.open("indices.npy") as member:
+                    indices = np.lib.format.read_array(member, allow_pickle=False)
+            return np.array_equal(indices, np.arange(first, last + 1))
+        except (zipfile.BadZipFile, ValueError, EOFError, KeyError):
+            return False
 
     def is_complete(self) -> bool:
         return self.final_path.exists() and self.sidecar_path.exists()
@@ -258,10 +363,10 @@ class SampleRun:
         n = self.num_samples
         with NpzWriter(self.final_path) as writer:
             deque(writer.add_streamed("arr_0", (n, *self.image_shape), np.uint8,
-                                      _first_rows((np.load(p)["images"] for _, _, p in shards), n)), maxlen=0)
+                                      _first_rows((_read_shard(p, "images") for _, _, p in shards), n)), maxlen=0)
             if self.class_cond:
                 deque(writer.add_streamed("arr_1", (n,), np.int64,
-                                          _first_rows((np.load(p)["labels"] for _, _, p in shards), n)), maxlen=0)
+                                          _first_rows((_read_shard(p, "labels") for _, _, p in shards), n)), maxlen=0)
         # The NPZ first, then its sidecar: a run stopped in between is not complete and redoes this.
         record = dict(sidecar)
         record.update(num_samples=n, image_shape=list(self.image_shape), npz=self.final_path.name,
@@ -271,6 +376,53 @@ class SampleRun:
             for _, _, p in shards:
                 p.unlink(missing_ok=True)
         return self.final_path
+
+
+def _read_shard(path: Path, member: str) -> np.ndarray:
+    """One array of a shard; a shard damaged since it was checked is removed, with one line."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data[member]
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError) as exc:
+        path.unlink(missing_ok=True)
+        raise UsageError(
+            f"shard {path} is damaged ({_first_line(exc)}); it was removed: rerun the same command to make its "
+            "images again"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``, or one UsageError line naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {path} ({exc.strerror})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UsageError(f"{path} is damaged (not valid JSON: {_first_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is damaged (not a JSON object)")
+    return value
+
+
+def _json_ok(path: Path) -> bool:
+    try:
+        _read_json(path)
+        return True
+    except UsageError:
+        return False
+
+
+def _one_line(exc: BaseException) -> str:
+    """A user error as the one line a script prints."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _first_rows(chunks, count: int):
@@ -307,43 +459,114 @@ def environment_record(world_size: int) -> dict:
     }
 
 
-def run_sampling(run: SampleRun, sample_batch, sidecar: dict, progress: bool = True) -> Path | None:
+def run_sampling(run: SampleRun, sample_batch, sidecar: dict, progress: bool = True,
+                 quantize=quantize) -> Path | None:
     """Sample every missing image of ``run`` on this rank, then assemble the output on rank 0.
 
     ``sample_batch(indices)`` returns (images in [-1, 1] as an NCHW tensor, labels or None) for the
-    consecutive image indices given. Returns the final NPZ path on rank 0 and None elsewhere.
+    consecutive image indices given; ``quantize`` makes them uint8 NHWC (default ``quantize``: ADM's floor).
+    Returns the final NPZ path on rank 0 and None elsewhere.
+
+    Rank 0 holds the output folder's lock throughout (``SampleRun.lock``): a second run on the
+    folder is refused on every one of its ranks. A batch with NaN or infinite values is never
+    written (``finite_pixels``). The ranks go through the batches in rounds and learn after each
+    whether any rank failed, so a user error on any rank (a non-finite batch, a full disk) stops
+    every rank with the same one line instead of leaving the others waiting.
     """
     from tqdm.auto import tqdm
 
     from . import dist_util
 
-    if run.is_complete() and run.rank == 0:
-        run.prepare()  # still refuse a folder made with other settings
-    if run.is_complete():
-        dist_util.barrier()
-        return run.final_path if run.rank == 0 else None
-    run.prepare()
-    dist_util.barrier()
-    batches = run.pending_batches()
-    dist_util.barrier()  # every rank has listed the shards before any rank writes a new one
-    mine = run.my_batches(batches)
-    total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="img", disable=not progress or run.rank != 0, desc="sampling",
-               dynamic_ncols=True, smoothing=0.1)
-    for indices in mine:
-        images, labels = sample_batch(indices)
-        run.write_shard(indices, quantize(images), None if labels is None else labels.cpu().numpy())
-        bar.update(len(indices) * run.world_size)
-    bar.close()
-    dist_util.barrier()
-    if run.rank != 0:
-        dist_util.barrier()
-        return None
-    record = dict(sidecar)
-    record.update(environment_record(run.world_size))
-    path = run.finish(record)
-    dist_util.barrier()
-    return path
+    together(run.lock if run.rank == 0 else None)
+    try:
+        together(run.prepare if run.rank == 0 else None)  # refuses other settings, sweeps, checks
+        if run.is_complete():
+            return run.final_path if run.rank == 0 else None
+        batches = run.pending_batches()
+        dist_util.barrier()  # every rank has listed the shards before any rank writes a new one
+        mine = run.my_batches(batches)
+        total = sum(len(b) for b in batches)
+        bar = tqdm(total=total, unit="img", disable=not progress or run.rank != 0, desc="sampling",
+                   dynamic_ncols=True, smoothing=0.1)
+        rounds = -(-len(batches) // run.world_size)
+        for k in range(rounds):
+            indices = mine[k] if k < len(mine) else None
+            together(None if indices is None else (lambda: _sample_and_write(run, sample_batch, indices, quantize)))
+            bar.update(sum(len(b) for b in batches[k * run.world_size:(k + 1) * run.world_size]))
+        bar.close()
+        record = dict(sidecar)
+        record.update(environment_record(run.world_size))
+        return together((lambda: run.finish(record)) if run.rank == 0 else None)
+    finally:
+        if run.rank == 0:
+            run.unlock()
+
+
+def _sample_and_write(run: SampleRun, sample_batch, indices, quantize=quantize) -> None:
+    images, labels = sample_batch(indices)
+    run.write_shard(indices, finite_pixels(images, indices, quantize), None if labels is None else labels.cpu().numpy())
+
+
+class NonFiniteError(UsageError):
+    """A network or sampler produced NaN or infinite values; nothing of the batch is written."""
+
+
+def finite_pixels(images: torch.Tensor, indices: Sequence[int], quantize=quantize) -> np.ndarray:
+    """``quantize(images)``, refusing NaN or infinite values (they would become black pixels)."""
+    finite = torch.isfinite(images.reshape(len(images), -1)).all(dim=1)
+    if not bool(finite.all()):
+        bad = [int(indices[j]) for j in torch.nonzero(~finite).flatten().tolist()]
+        raise NonFiniteError(
+            f"sampling gave NaN or infinite values for {_images_text(bad)} (batch {_ranges(indices)}); nothing "
+            "of this batch was written: check the checkpoint, the noise schedule and --eps_scale"
+        )
+    return quantize(images)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """'3-5, 9' for image indices (the first few runs of them)."""
+    runs: list[list[int]] = []
+    for i in (int(i) for i in indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    parts = [f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:6]]
+    return ", ".join(parts) + (", ..." if len(runs) > 6 else "")
+
+
+def _images_text(indices: Sequence[int]) -> str:
+    return ("images " if len(indices) > 1 else "image ") + _ranges(indices)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def together(action):
+    """Run ``action()`` on this rank (None: nothing) and return its result; with several ranks, then
+    learn whether any rank's failed. A user error on one rank (UsageError, ValueError, OSError) is
+    raised on every rank as the same one line, so no rank waits forever for one that stopped and
+    the launcher's rank 0 prints it. A collective: every rank calls it at the same point.
+    """
+    if not _distributed():
+        return action() if action is not None else None
+    import torch.distributed as dist
+
+    result, problem = None, None
+    try:
+        if action is not None:
+            result = action()
+    except (ValueError, OSError) as exc:
+        problem = _one_line(exc)
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first is not None:
+        raise UsageError(first)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +585,8 @@ class AlignedNetwork:
     images not in the batch repeat a real image, and they do not touch the real rows, which are
     computed independently of each other. Use it for every network a sampler
     calls (the classifier of guidance too); ``chunk`` is part of what determines the pixels.
+    Every call checks that its output is finite (one reduction) and otherwise stops the batch with
+    one line naming the network evaluation, its timestep and the images (NonFiniteError).
     ``t`` and keyword tensors are split with the images where they have one row per image and
     passed whole otherwise (a scalar timestep, None).
     """
@@ -371,6 +596,8 @@ class AlignedNetwork:
             raise ValueError(f"--network_batch_size must be at least 1, got {chunk}")
         self.model = model
         self.chunk = int(chunk)
+        self.indices = [int(i) for i in indices]
+        self.calls = 0
         groups: dict[int, tuple[list[int], list[int]]] = {}
         for row, index in enumerate(indices):
             slots, rows = groups.setdefault(int(index) // self.chunk, ([], []))
@@ -402,7 +629,26 @@ class AlignedNetwork:
                 out = out[slots]
             for j, row in enumerate(rows):
                 outputs[row] = out[j]
-        return torch.stack(outputs)
+        out = torch.stack(outputs)
+        self.calls += 1
+        if not bool(torch.isfinite(out).all()):  # one reduction per call; details only when it fails
+            self._refuse_non_finite(out, t)
+        return out
+
+    def _refuse_non_finite(self, out: torch.Tensor, t) -> None:
+        finite = torch.isfinite(out.reshape(self.batch, -1)).all(dim=1)
+        rows = torch.nonzero(~finite).flatten().tolist()
+        bad = [self.indices[r] for r in rows]
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.batch:
+            t = t[rows[0]]
+        level = ""
+        if isinstance(t, (int, float)) or (isinstance(t, torch.Tensor) and t.numel() == 1):
+            level = f" (t = {float(t):g})"
+        raise NonFiniteError(
+            f"the network returned NaN or infinite values at network evaluation {self.calls} of batch "
+            f"{_ranges(self.indices)}{level}, for {_images_text(bad)}; nothing of this batch was written: "
+            "check the checkpoint and the model flags"
+        )
 
 
 def _rows(value, part: slice, batch: int):

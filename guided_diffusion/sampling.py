@@ -12,8 +12,18 @@ import torch.nn.functional as F
 
 from . import dist_util, logger
 from .checkpoints import SHAPE_FLAGS, infer_unet_flags, load_model_weights, load_state_dict
-from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise, SampleRun, image_labels, run_sampling
-from .script_util import UsageError, args_to_dict, output_folder, sampling_eps_scale
+from .file_util import lock_output_folder
+from .sample_io import (
+    DEFAULT_NETWORK_BATCH,
+    AlignedNetwork,
+    ImageNoise,
+    SampleRun,
+    image_labels,
+    quantize,
+    run_sampling,
+    together,
+)
+from .script_util import UsageError, args_to_dict, eps_scale_flag, output_folder, sampling_eps_scale
 from .speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype
 
 
@@ -24,9 +34,48 @@ def start(args) -> None:
         raise UsageError(f"--num_samples must be at least 1, got {args.num_samples}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    check_size_flags(args)
+    check_noise_schedule(args)
     args.output_dir = str(output_folder(args.output_dir, "samples"))
     dist_util.setup_dist()
+    # One writer per output folder: rank 0 holds its lock until the process ends; a second run on
+    # the folder stops here, on every rank, before it logs or writes anything.
+    folder = args.output_dir
+    together((lambda: lock_output_folder(folder)) if dist_util.get_rank() == 0 else None)
     logger.configure(dir=args.output_dir)
+
+
+# Flags that are sizes or counts: a value below 1 is a typo, refused before anything is built.
+POSITIVE_FLAGS = ("image_size", "large_size", "small_size", "num_channels", "num_classes", "diffusion_steps",
+                  "classifier_width")
+
+
+def check_size_flags(args) -> None:
+    for name in POSITIVE_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+
+
+def check_noise_schedule(args) -> None:
+    """Refuse a noise schedule whose betas reach 1 (alpha_bar 0: every sample NaN), before sampling."""
+    from .gaussian_diffusion import get_named_beta_schedule
+
+    name, steps = getattr(args, "noise_schedule", None), getattr(args, "diffusion_steps", None)
+    if name is None or not isinstance(steps, int):
+        return
+    if steps < 2:
+        raise UsageError(f"--diffusion_steps must be at least 2, got {steps}")
+    try:
+        betas = get_named_beta_schedule(name, steps)
+    except ValueError as exc:
+        raise UsageError(f"--noise_schedule: {exc}") from None
+    if not (betas < 1).all():
+        raise UsageError(
+            f"--noise_schedule {name} with --diffusion_steps {steps} has betas up to {betas.max():g}; a beta of 1 "
+            "leaves no signal and every sample would be NaN: use more --diffusion_steps (the linear schedule "
+            "needs more than 20) or --noise_schedule cosine"
+        )
 
 
 def load_network(factory, args, keys, path: str, what: str, image_size: int):
@@ -103,7 +152,7 @@ def adopt_checkpoint_flags(args, path, image_size: int) -> None:
 
 def eps_schedule(args, config, num_steps: int, table: str | None = None):
     """The run's lambda schedule (``script_util.sampling_eps_scale``), logged."""
-    schedule, source = sampling_eps_scale(args.eps_scale, config, num_steps, table)
+    schedule, source = sampling_eps_scale(eps_scale_flag(args), config, num_steps, table)
     logger.log(f"epsilon scaling: {schedule} [{source}]")
     return schedule, source
 
@@ -160,15 +209,16 @@ def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cla
     return sample_batch
 
 
-def sample_to_npz(args, settings: dict, sample_batch, image_shape, class_cond: bool, sidecar: dict):
-    """Run the sharded, resumable loop and log where the NPZ went."""
+def sample_to_npz(args, settings: dict, sample_batch, image_shape, class_cond: bool, sidecar: dict,
+                  quantize=quantize):
+    """Run the sharded, resumable loop and log where the NPZ went (``quantize``: float images to uint8)."""
     run = SampleRun(
         args.output_dir, settings, args.num_samples, args.batch_size, image_shape, class_cond,
         rank=dist_util.get_rank(), world_size=dist_util.get_world_size(), keep_shards=args.keep_shards,
     )
     if run.is_complete():
         logger.log(f"{run.final_path} is already complete; nothing to do")
-    path = run_sampling(run, sample_batch, sidecar, progress=args.progress)
+    path = run_sampling(run, sample_batch, sidecar, progress=args.progress, quantize=quantize)
     if path is not None:
         logger.log(f"saved {path}")
         logger.log("sampling complete")

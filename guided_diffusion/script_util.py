@@ -1,15 +1,18 @@
 """Flag defaults and factories, as in ADM's script_util, plus config files and one-line CLI errors.
 
 Every flag default lives here. ``create_*`` turn ADM's command-line flags into networks and
-diffusions; ``load_config`` reads configs/NAME.yaml (the flags of a released checkpoint).
+diffusions; ``load_config`` reads guided_diffusion/configs/NAME.yaml (the flags of a released checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import gaussian_diffusion as gd
@@ -20,7 +23,8 @@ from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Package data (setup.py's package_data): found the same in a checkout and in an installed wheel.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Default channel multipliers by image size, as the released checkpoints use them.
 _UNET_CHANNEL_MULT = {
@@ -79,6 +83,7 @@ def model_and_diffusion_defaults():
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        eps_scaler=0.0,  # ADM-ES's key: lambda in sampling, input perturbation in training; 0 is off
         num_classes=NUM_CLASSES,
     )
     res.update(diffusion_defaults())
@@ -106,6 +111,7 @@ def diffusion_training_defaults():
         max_steps=0,
         seed=0,
         log_dir="",
+        allow_incomplete_resume=False,
     )
 
 
@@ -129,6 +135,7 @@ def classifier_training_defaults():
         use_bf16=False,
         seed=0,
         log_dir="",
+        allow_incomplete_resume=False,
     )
 
 
@@ -202,9 +209,12 @@ def create_model_and_diffusion(
     resblock_updown,
     use_fp16,
     use_new_attention_order,
+    eps_scaler=0.0,
     num_classes=NUM_CLASSES,
     eps_scale=None,
 ):
+    """ADM's factory. ``eps_scaler`` is ADM-ES's key (see GaussianDiffusion); ``num_classes`` and
+    ``eps_scale`` (any lambda schedule: the samplers' default) are new."""
     model = create_model(
         image_size,
         num_channels,
@@ -234,6 +244,7 @@ def create_model_and_diffusion(
         rescale_learned_sigmas=rescale_learned_sigmas,
         timestep_respacing=timestep_respacing,
         eps_scale=eps_scale,
+        eps_scaler=eps_scaler,
     )
     return model, diffusion
 
@@ -477,6 +488,7 @@ def create_gaussian_diffusion(
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     timestep_respacing="",
+    eps_scaler=0.0,
     eps_scale=None,
 ):
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
@@ -500,6 +512,7 @@ def create_gaussian_diffusion(
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
         eps_scale=eps_scale,
+        eps_scaler=eps_scaler,
     )
 
 
@@ -533,11 +546,11 @@ def str2bool(v):
 
 
 # ---------------------------------------------------------------------------------------------
-# configs/NAME.yaml
+# guided_diffusion/configs/NAME.yaml
 
 
 def config_path(name_or_path: str) -> Path:
-    """A config given by name (``imagenet64_cond``) or by path (``configs/imagenet64_cond.yaml``)."""
+    """A config given by name (``imagenet64_cond``) or by path (``my_configs/imagenet64_cond.yaml``)."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") and candidate.exists():
         return candidate
@@ -549,7 +562,7 @@ def config_path(name_or_path: str) -> Path:
 
 
 def load_config(name_or_path: str) -> dict:
-    """Read a checkpoint config; see configs/README.md for the fields."""
+    """Read a checkpoint config; see guided_diffusion/configs/README.md for the fields."""
     import yaml
 
     path = config_path(name_or_path)
@@ -558,7 +571,7 @@ def load_config(name_or_path: str) -> dict:
     except yaml.YAMLError as exc:
         raise UsageError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict) or not isinstance(config.get("flags"), dict):
-        raise UsageError(f"config {path} has no 'flags' mapping; see configs/README.md")
+        raise UsageError(f"config {path} has no 'flags' mapping; see guided_diffusion/configs/README.md")
     config["path"] = str(path)
     return config
 
@@ -596,7 +609,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv=None):
                 setattr(args, key, action.type(value) if action.type and isinstance(value, str) else value)
         shipped = config.get("checkpoint_path")
         if shipped and hasattr(args, "model_path") and "model_path" not in explicit:
-            args.model_path = str(CONFIG_DIR.parent / shipped)
+            args.model_path = str(CONFIG_DIR.parent / shipped)  # inside the package, wherever it is installed
     return args, config, explicit
 
 
@@ -612,16 +625,62 @@ def output_folder(output_dir: str, default: str) -> Path:
     return folder
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``), raised where the process is, like Ctrl-C, so
+    that the same clean-up runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _one_line_usage_error(parser, message):
+    """argparse's ``error`` without the usage block: one line, through cli_main."""
+    raise UsageError(f"{message} (see {parser.prog} --help)")
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return (f"no space left on the device writing{where}; free some space and rerun the same "
+                "command (finished work is kept)")
+    if exc.errno == errno.EDQUOT:
+        return f"disk quota exceeded writing{where}; free some space and rerun the same command"
+    if exc.errno is not None and exc.strerror:
+        return f"{exc.strerror}:{where}" if where else exc.strerror
+    return str(exc)
+
+
 def cli_main(main):
-    """Run a script's ``main``; a user error ends as one line on stderr and exit status 2."""
+    """Run a script's ``main``. A user error (argparse's included), a file the OS refuses, or a full
+    disk ends as one ``error: ...`` line on stderr (rank 0 only) and exit status 2; Ctrl-C and
+    SIGTERM end as one line with status 130 / 143 after the script's own clean-up has run.
+    Anything else is a bug and keeps its traceback."""
+    from .dist_util import launcher_rank
+
+    def fail(message: str, status: int):
+        if launcher_rank() == 0:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(status)
+
+    parser_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _one_line_usage_error
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    term_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         main()
-    except (UsageError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-        from .dist_util import launcher_rank
-
-        if launcher_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except Terminated:
+        fail("terminated (SIGTERM); rerun the same command to resume", 128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume", 128 + signal.SIGINT)
+    except (UsageError, ValueError) as exc:
+        fail(str(exc), 2)
+    except OSError as exc:
+        fail(_os_error_line(exc), 2)
+    finally:
+        argparse.ArgumentParser.error = parser_error
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, term_handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,13 +708,32 @@ def sampling_defaults():
 
 
 def add_sampling_args(parser) -> None:
+    """The sampling flags; call after the model flags. ``--eps_scaler`` is ADM-ES's: a number
+    (0: not given) where the model flags have ADM-ES's key, else an alias of ``--eps_scale``."""
     add_dict_to_argparser(parser, sampling_defaults())
+    has_adm_es_key = any("--eps_scaler" in action.option_strings for action in parser._actions)
     parser.add_argument(
-        "--eps_scale", "--eps_scaler", dest="eps_scale", default=None,
+        *(["--eps_scale"] if has_adm_es_key else ["--eps_scale", "--eps_scaler"]), dest="eps_scale", default=None,
         help="Epsilon Scaling lambda: 1.017, linear:k=0.0025,b=1.0, table:v0,v1,..., paper, "
-        "paper:linear (from --config), or 1.0 for none. Default: the config's paper value "
-        "for this step count, else 1.0",
+        "paper:linear (from --config), or 1.0 for none. Default: --eps_scaler (ADM-ES's flag, a "
+        "number) when given, else the config's paper value for this step count, else 1.0",
     )
+
+
+def eps_scale_flag(args):
+    """The lambda the user typed: ``--eps_scale``, else ADM-ES's numeric ``--eps_scaler`` (0, its
+    default, means not given); None when neither. Both, disagreeing, is refused."""
+    from .eps_scaling import adm_es_eps_scale, parse_eps_scale
+
+    typed = getattr(args, "eps_scale", None)
+    adm_es = adm_es_eps_scale(getattr(args, "eps_scaler", None))
+    if adm_es is None:
+        return typed
+    if typed is not None and not str(typed).strip().startswith("paper") and parse_eps_scale(typed) == adm_es:
+        return typed
+    if typed is not None:
+        raise UsageError(f"--eps_scale {typed} and --eps_scaler {adm_es.b} disagree; give one of them")
+    return str(adm_es)
 
 
 def sampling_eps_scale(flag_value, config: dict | None, num_steps: int, table: str | None = None):

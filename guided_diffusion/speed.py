@@ -7,7 +7,8 @@ the same function: the float32 ones agree with plain eager float32 within the re
 output). benchmarks/bench_sampling.py measures what each switch buys and checks both tolerances.
 
 - fused_attention: attention through scaled_dot_product_attention's fused kernels (flash /
-  memory-efficient); off runs SDPA's math backend, the explicit softmax(q k^T / sqrt(d)) v.
+  memory-efficient); off runs ADM's own attention arithmetic in the ADM networks (bit for bit
+  ADM's outputs; unet.py) and SDPA's math backend, softmax(q k^T / sqrt(d)) v, in EDM's.
 - channels_last: convolution weights and the input in NHWC order, the layout cuDNN's tensor-core
   kernels and oneDNN prefer. Converts the model in place.
 - inference_mode: torch.inference_mode() around the network (no autograd bookkeeping at all,
@@ -30,6 +31,8 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from .unet import fused_attention
 
 # Float32 switches must agree with eager float32 this closely (max absolute difference), the
 # tolerance the reference vectors document for a different but exact attention kernel.
@@ -73,9 +76,10 @@ class SpeedSettings:
 
 
 def attention_backend(fused: bool):
-    """A context in which scaled_dot_product_attention may use its fused kernels (or only math)."""
+    """A context in which attention may use scaled_dot_product_attention's fused kernels, or, off,
+    ADM's arithmetic (ADM networks) and SDPA's math backend (EDM networks)."""
     if fused:
-        return contextlib.nullcontext()
+        return fused_attention()
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # torch < 2.3

@@ -1,25 +1,38 @@
 """Training loops for ADM diffusion models (TrainLoop) and noise-aware classifiers (ClassifierTrainLoop).
 
-Both keep ADM's behaviour and checkpoint files (model{step:06d}.pt, ema_{rate}_{step:06d}.pt,
-opt{step:06d}.pt in the log folder) with these differences:
+TrainLoop keeps ADM's arguments, attributes and override points (``run_step``, ``forward_backward``,
+``_update_ema``, ``_anneal_lr``, ``log_step``, ``save``, ``_load_and_sync_parameters``,
+``_load_optimizer_state``, ``_load_ema_parameters``; ``self.step`` counts the steps of this run and
+``self.resume_step`` those before it, as in ADM) and ADM's checkpoint files, model{step:06d}.pt,
+ema_{rate}_{step:06d}.pt and opt{step:06d}.pt, plain ``torch.save`` state_dicts. Differences:
 
 * the step in a file name is the number of completed optimizer steps, and a resumed run starts
   from it on every rank (model, EMA and optimizer, read with weights_only loading);
-* checkpoints are written to a temporary name and renamed, so a crash never leaves half a file;
+* checkpoints are a set: the files of one step are written to temporary names first and renamed
+  only when all of them are complete, then ``checkpoint{step:06d}.json`` records their sizes and
+  sha256 last (see ``write_checkpoint_set``). A kill or a full disk at any moment leaves the earlier
+  sets untouched; resuming verifies the set and refuses an incomplete or damaged one in one line,
+  unless ``allow_incomplete_resume`` says to continue without the missing pieces. An EMA or
+  optimizer state that does not fit the model is refused before anything is loaded;
 * with a seed, every step's random draws (timesteps, noise, dropout) are a function of
   (seed, rank, step), so a resumed run continues exactly as an uninterrupted one;
 * microbatches accumulate the gradient of the full batch (each is weighted by its share), and a
   step's timesteps and noise are drawn for the whole batch, so --microbatch changes memory only;
-* optional bfloat16 autocast, DDPM-IP input perturbation, and --max_steps to end a run.
+* the learning rate of every step is --lr (decayed linearly to 0 over --lr_anneal_steps), also
+  after a resume; optional bfloat16 autocast, DDPM-IP input perturbation, --max_steps to end a run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import os
 import re
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,14 +43,18 @@ from tqdm.auto import tqdm
 from . import dist_util, logger
 from .checkpoints import check_fits, load_state_dict
 from .errors import UsageError
-from .file_util import temp_path_for
-from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
+from .file_util import atomic_write_text, temp_path_for, writing
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer, get_param_groups_and_shapes
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
 from .sample_io import mixed_seed
 
 _STEP_IN_NAME = re.compile(r"model(\d+)\.")
 _EMA_OR_OPT_NAME = re.compile(r"(ema_[\d.]+_|opt)\d+\.")
+_MODEL_FILE = re.compile(r"model(\d+)\.pt")
+_MANIFEST_NAME = re.compile(r"checkpoint(\d+)\.json")
+MANIFEST_FORMAT = "guided_diffusion checkpoint set 1"
+ALLOW_INCOMPLETE_FLAG = "--allow_incomplete_resume True"
 
 
 def parse_ema_rates(ema_rate) -> list[float]:
@@ -73,8 +90,29 @@ def opt_checkpoint_name(step: int) -> str:
     return f"opt{step:06d}.pt"
 
 
+def manifest_name(step: int) -> str:
+    """The record that the set of ``step`` is complete (written after all its files)."""
+    return f"checkpoint{step:06d}.json"
+
+
+def get_blob_logdir():
+    """Where checkpoints go: the log folder. Forks replace this function to save elsewhere."""
+    return logger.get_dir()
+
+
+def find_resume_checkpoint():
+    """A checkpoint to resume from when --resume_checkpoint is empty: none here, as in ADM.
+
+    Replace it (``train_util.find_resume_checkpoint = ...``) to resume automatically, e.g. with
+    ``lambda: latest_complete_checkpoint(folder)``.
+    """
+    return None
+
+
 def find_ema_checkpoint(main_checkpoint, step, rate):
     """The EMA file written beside ``main_checkpoint`` at ``step``, or None."""
+    if main_checkpoint is None:
+        return None
     path = os.path.join(os.path.dirname(main_checkpoint), ema_checkpoint_name(rate, step))
     return path if os.path.exists(path) else None
 
@@ -83,10 +121,252 @@ def save_atomic(obj, path) -> None:
     """torch.save to a temporary sibling, then rename: ``path`` is the old file or the whole new one."""
     tmp = temp_path_for(path)
     try:
-        torch.save(obj, tmp)
+        _save_hashed(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# -- checkpoint sets ------------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """A binary file that hashes and counts what is written through it (torch.save writes here)."""
+
+    def __init__(self, file):
+        self.file = file
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data):
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+
+def _save_hashed(obj, path) -> tuple[int, str]:
+    """torch.save ``obj`` to ``path``, flushed to disk; return (bytes, sha256) of what was written."""
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return writer.size, writer.digest.hexdigest()
+
+
+def _fsync_dir(folder) -> None:
+    """Make renames in ``folder`` durable (where the OS allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint_set(folder, step: int, states) -> Path:
+    """Write ``states`` ([(file name, object for torch.save)]) as the checkpoint set of ``step``.
+
+    All files are written to temporary names (and fsynced) first, so a full disk or a kill
+    during that phase leaves every earlier file as it was. Then the record
+    ``checkpoint{step:06d}.json`` is written as pending, the files are renamed into place, and the
+    record is rewritten with their sizes and sha256, last: a set is complete exactly when its
+    record is final and matches. A full disk ends as one UsageError line. Returns the record's path.
+    """
+    folder = Path(folder)
+    staged = []
+    try:
+        for name, obj in states:
+            final = folder / name
+            tmp = temp_path_for(final)
+            staged.append((tmp, final))
+            with writing(final):
+                size, sha = _save_hashed(obj, tmp)
+            staged[-1] = (tmp, final, size, sha)
+        record = folder / manifest_name(step)
+        # from here until the final record, the set of this step reads as interrupted (an earlier
+        # save of the same step included)
+        atomic_write_text(record, json.dumps({"format": MANIFEST_FORMAT, "step": step, "pending": True}))
+        _fsync_dir(folder)
+        for tmp, final, *_ in staged:
+            with writing(final):
+                os.replace(tmp, final)
+        _fsync_dir(folder)
+        files = {final.name: {"bytes": size, "sha256": sha} for _, final, size, sha in staged}
+        atomic_write_text(record, json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
+        _fsync_dir(folder)
+        return record
+    finally:
+        for tmp, *_ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class CheckpointSetStatus:
+    """What a checkpoint set on disk holds of the files a resume needs."""
+
+    folder: Path
+    step: int
+    needed: list[str]
+    missing: list[str] = field(default_factory=list)  # absent, or never recorded as part of the set
+    damaged: list[str] = field(default_factory=list)  # present, but not what the save recorded
+    recorded: bool = False  # the set has a record (else: interrupted, or ADM's own layout)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.damaged
+
+    def describe(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append("missing " + ", ".join(self.missing))
+        if self.damaged:
+            parts.append(", ".join(self.damaged) + " not as saved (size or sha256 differ from the record)")
+        return "; ".join(parts)
+
+
+def _sha256_file(path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_checkpoint_set(model_path, ema_rates, with_optimizer: bool = True) -> CheckpointSetStatus:
+    """Whether the set of ``model_path`` (model{step}.pt) holds everything a resume with ``ema_rates`` needs.
+
+    A set with a record must match it (each needed file listed, of the recorded size and sha256).
+    In a folder whose other sets have records, a set without one was interrupted. In a folder
+    without any record (ADM's own training, or files copied by hand) the needed files must exist.
+    """
+    model_path = Path(model_path)
+    folder, step = model_path.parent, parse_resume_step_from_filename(model_path)
+    needed = [model_path.name] + [ema_checkpoint_name(r, step) for r in ema_rates]
+    if with_optimizer:
+        needed.append(opt_checkpoint_name(step))
+    status = CheckpointSetStatus(folder=folder, step=step, needed=needed)
+    record_path = folder / manifest_name(step)
+    interrupted = f"{record_path.name} (the save of step {step} did not finish)"
+    if record_path.exists():
+        status.recorded = True
+        try:
+            record = json.loads(record_path.read_text())
+            if record.get("pending"):
+                status.missing = [name for name in needed if not (folder / name).exists()] + [interrupted]
+                return status
+            files = record["files"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            status.damaged.append(record_path.name)
+            files = {}
+        for name in needed:
+            path, entry = folder / name, files.get(name)
+            if not path.exists() or (entry is None and files):
+                status.missing.append(name)
+            elif entry is not None and (
+                path.stat().st_size != entry.get("bytes") or _sha256_file(path) != entry.get("sha256")
+            ):
+                status.damaged.append(name)
+        return status
+    status.missing = [name for name in needed if not (folder / name).exists()]
+    if any(_MANIFEST_NAME.fullmatch(p.name) for p in folder.iterdir()):
+        status.missing.append(interrupted)
+    return status
+
+
+def latest_complete_checkpoint(folder, ema_rates=(), with_optimizer: bool = True, before_step=None):
+    """The model file of the newest complete set in ``folder`` (older than ``before_step``), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = sorted(
+        ((int(m.group(1)), p) for p in folder.iterdir() if (m := _MODEL_FILE.fullmatch(p.name))), reverse=True
+    )
+    for step, path in candidates:
+        if before_step is not None and step >= before_step:
+            continue
+        if check_checkpoint_set(path, ema_rates, with_optimizer).complete:
+            return path
+    return None
+
+
+def _load_tensors(path, what: str):
+    """torch.load with tensors only, memory-mapped where the file allows (pages shared by the ranks)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise UsageError(f"{path} is not a readable {what} ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # whatever makes it unreadable, name the file
+        raise UsageError(f"{path} is not a readable {what} ({str(exc).splitlines()[0][:160]})") from None
+    try:  # an old (non-zip) torch.save file cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(f"{path} is not a readable {what} ({str(exc).splitlines()[0][:160]})") from None
+
+
+def master_param_shapes(model, use_fp16: bool) -> list[tuple]:
+    """Shapes of the tensors the optimizer updates: the parameters, or fp16 training's flat masters."""
+    named = list(model.named_parameters())
+    if not use_fp16:
+        return [tuple(p.shape) for _, p in named]
+    shapes = []
+    for group, shape in get_param_groups_and_shapes(named):
+        total = sum(p.numel() for _, p in group)
+        shapes.append((total,) if len(shape) == 1 else (1, total))
+    return shapes
+
+
+def check_optimizer_state_fits(state, shapes, path, use_fp16: bool) -> None:
+    """Refuse (one line) an AdamW state_dict that does not belong to parameters of ``shapes``."""
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)):
+        raise UsageError(f"{path} is not an optimizer state (no 'state' and 'param_groups'); pass the model*.pt of a training run")
+    groups = state["param_groups"]
+    ids = [i for g in groups for i in g.get("params", [])]
+    fp16_hint = ""
+    if len(ids) != len(shapes):
+        if len(ids) <= 2 < len(shapes):
+            fp16_hint = " (it was saved by --use_fp16 True training, which optimizes two flat tensors)"
+        elif len(shapes) <= 2 < len(ids):
+            fp16_hint = " (it was saved without --use_fp16; this run optimizes two flat fp16 master tensors)"
+        raise UsageError(
+            f"{path} does not fit this model: it holds the optimizer state of {len(ids)} parameter tensors, "
+            f"this model has {len(shapes)}{fp16_hint}; resume with the flags of the run that saved it"
+        )
+    if len(groups) != 1:
+        raise UsageError(f"{path} has {len(groups)} parameter groups; TrainLoop's AdamW has one")
+    for index, (param_id, shape) in enumerate(zip(ids, shapes)):
+        entry = state["state"].get(param_id)
+        if entry is None:
+            continue  # a parameter that has not been stepped yet
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in entry:
+                raise UsageError(f"{path} is not an AdamW state (parameter {index} has no {key})")
+            if tuple(entry[key].shape) != tuple(shape):
+                raise UsageError(
+                    f"{path} does not fit this model: parameter {index} has {key} of shape "
+                    f"{tuple(entry[key].shape)}, the model's is {tuple(shape)}; resume with the flags of the run that saved it"
+                )
+
+
+@dataclass
+class _ResumeState:
+    path: str
+    step: int
+    from_training: bool
+    model: dict
+    emas: dict  # rate -> state_dict, or None when the run continues without it
+    opt: dict | None
+
+
+# -- the loops ------------------------------------------------------------------------------------
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
@@ -156,6 +436,7 @@ class _TrainLoopBase:
         max_steps=0,
         seed=None,
         checkpoint_dir=None,
+        allow_incomplete_resume=False,
     ):
         if use_fp16 and use_bf16:
             raise UsageError("--use_fp16 and --use_bf16 exclude each other; pick one")
@@ -178,22 +459,26 @@ class _TrainLoopBase:
         self.resume_checkpoint = resume_checkpoint
         self.use_fp16 = use_fp16
         self.use_bf16 = use_bf16
+        self.fp16_scale_growth = fp16_scale_growth
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
         self.max_steps = max_steps
         self.seed = seed
-        self.checkpoint_dir = checkpoint_dir or logger.get_dir()
+        self.allow_incomplete_resume = allow_incomplete_resume
+        self.checkpoint_dir = checkpoint_dir or get_blob_logdir()
         if not self.checkpoint_dir:
             raise UsageError("no folder for checkpoints: call logger.configure(dir=...) or pass checkpoint_dir")
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         self.device = dist_util.dev()
         self.rank = dist_util.get_rank()
         self.global_batch = batch_size * dist_util.get_world_size()
+        self.sync_cuda = torch.cuda.is_available()
 
-        self.resume_step = self._load_model_weights()
-        self.step = self.resume_step
-        self.last_saved_step = self.resume_step if self.resumed_from_training else None
-        dist_util.sync_params(self.model.parameters())
+        self.step = 0  # steps taken by this run (ADM's meaning)
+        self.resume_step = 0  # steps behind the checkpoint this run resumed from
+        self._resume = None
+        self._load_and_sync_parameters()
+        self.last_saved_step = self.resume_step if self._resume is not None and self._resume.from_training else None
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model,
             use_fp16=use_fp16,
@@ -203,6 +488,7 @@ class _TrainLoopBase:
         self.opt = torch.optim.AdamW(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
         self._load_optimizer_state()
         self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
+        self._resume = None  # loaded: let the file mappings go
 
         self.use_ddp = dist_util.get_world_size() > 1
         if self.use_ddp:
@@ -217,18 +503,32 @@ class _TrainLoopBase:
         else:
             self.ddp_model = self.model
 
+    @property
+    def completed_steps(self) -> int:
+        """Optimizer steps behind the current weights, those before the resume included."""
+        return self.step + self.resume_step
+
     # -- resume ---------------------------------------------------------------------------------
 
-    def _load_model_weights(self) -> int:
-        """Load --resume_checkpoint into the model on this rank; return the step it was saved at.
+    def _load_and_sync_parameters(self):
+        """Read the checkpoint set to resume from (find_resume_checkpoint() or --resume_checkpoint),
+        check that all of it fits, load the model weights and set ``resume_step``.
 
         A name without a step (a released checkpoint) starts at step 0 with a fresh optimizer and
-        EMA: fine-tuning. Every rank reads the files itself, so no rank waits on another.
+        EMA: fine-tuning. Every rank reads the files itself, so no rank waits on another; rank 0's
+        weights are then broadcast, as in ADM.
         """
-        path = self.resume_checkpoint
-        self.resumed_from_training = False
-        if not path:
-            return 0
+        path = find_resume_checkpoint() or self.resume_checkpoint
+        if path:
+            self._resume = self._read_resume_set(str(path))
+            self.resume_step = self._resume.step
+            self.model.load_state_dict(self._resume.model)
+        dist_util.sync_params(self.model.parameters())
+
+    def _read_resume_set(self, path) -> _ResumeState:
+        """Every file of the resume, verified and checked against the model before anything is loaded."""
+        if os.path.isdir(path):
+            raise UsageError(f"--resume_checkpoint {path} is a folder; pass a model*.pt written by training")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume_checkpoint {path} does not exist; pass a model*.pt written by training")
         name = os.path.basename(path)
@@ -237,42 +537,94 @@ class _TrainLoopBase:
                 f"--resume_checkpoint {path} is an EMA or optimizer file; pass the model*.pt beside it "
                 "(its EMA and optimizer files are found from its name)"
             )
-        state_dict = load_state_dict(path, map_location="cpu")
-        check_fits(self.model, state_dict, getattr(self.model, "image_size", None))
-        self.model.load_state_dict(state_dict)
-        self.resumed_from_training = bool(_STEP_IN_NAME.match(name))
-        if not self.resumed_from_training:
+        image_size = getattr(self.model, "image_size", None)
+        from_training = bool(_STEP_IN_NAME.match(name))
+        if not from_training:
+            state_dict = load_state_dict(path, map_location="cpu")
+            check_fits(self.model, state_dict, image_size)
             logger.log(f"{name} has no step in its name: starting at step 0 from its weights (fine-tuning)")
-            return 0
+            return _ResumeState(path, 0, False, state_dict, {r: None for r in self.ema_rate}, None)
+
+        status = check_checkpoint_set(path, self.ema_rate)
+        unusable = set(status.missing) | set(status.damaged)
+        if name in status.damaged:
+            raise UsageError(f"cannot resume from {path}: the file is not as its save recorded (size or sha256 differ); "
+                             + self._complete_set_hint(status))
+        if not status.complete:
+            if not self.allow_incomplete_resume:
+                raise UsageError(
+                    f"cannot resume from {path}: its checkpoint set is incomplete ({status.describe()}); "
+                    + self._complete_set_hint(status) + f", or pass {ALLOW_INCOMPLETE_FLAG} to continue without them"
+                )
+            logger.warn(f"resuming from an incomplete checkpoint set ({status.describe()}): continuing without it")
         step = parse_resume_step_from_filename(path)
+        state_dict = load_state_dict(path, map_location="cpu")
+        try:
+            check_fits(self.model, state_dict, image_size)
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
+
+        emas = {}
+        for rate in self.ema_rate:
+            ema_path = os.path.join(status.folder, ema_checkpoint_name(rate, step))
+            if os.path.basename(ema_path) in unusable:
+                logger.warn(f"no usable {os.path.basename(ema_path)}: the EMA of rate {rate} restarts from the model")
+                emas[rate] = None
+                continue
+            ema = self._read_optional(ema_path, "EMA state_dict")
+            if ema is not None:
+                if not (isinstance(ema, dict) and all(isinstance(v, torch.Tensor) for v in ema.values())):
+                    raise UsageError(f"{ema_path} is not an EMA state_dict (a dict of tensors)")
+                try:
+                    check_fits(self.model, ema, image_size)
+                except UsageError as exc:
+                    raise UsageError(f"{ema_path} does not fit this model: {exc}") from None
+            emas[rate] = ema
+
+        opt_path = os.path.join(status.folder, opt_checkpoint_name(step))
+        opt = None
+        if os.path.basename(opt_path) in unusable:
+            logger.warn(f"no usable {os.path.basename(opt_path)}: the optimizer starts afresh")
+        else:
+            opt = self._read_optional(opt_path, "optimizer state")
+            if opt is not None:
+                check_optimizer_state_fits(opt, master_param_shapes(self.model, self.use_fp16), opt_path, self.use_fp16)
         logger.log(f"resuming at step {step} from {path}")
-        return step
+        return _ResumeState(path, step, True, state_dict, emas, opt)
+
+    def _read_optional(self, path, what):
+        """A file of the set; an unreadable one is refused, or skipped when resuming incomplete sets is allowed."""
+        try:
+            return _load_tensors(path, what)
+        except UsageError as exc:
+            if not self.allow_incomplete_resume:
+                raise UsageError(f"{exc}; or pass {ALLOW_INCOMPLETE_FLAG} to continue without it") from None
+            logger.warn(f"{exc}: continuing without it")
+            return None
+
+    def _complete_set_hint(self, status: CheckpointSetStatus) -> str:
+        best = latest_complete_checkpoint(status.folder, self.ema_rate, before_step=status.step)
+        if best is None:
+            return "no earlier complete set is in that folder"
+        return f"resume from {best}, the newest complete set before it"
 
     def _load_optimizer_state(self):
-        if not self.resumed_from_training:
+        resume = self._resume
+        if resume is None or not resume.from_training:
             return
-        path = os.path.join(os.path.dirname(self.resume_checkpoint), opt_checkpoint_name(self.resume_step))
-        if not os.path.exists(path):
-            logger.warn(f"no optimizer state {path}; the optimizer starts afresh")
+        if resume.opt is None:
             return
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # whatever makes it unreadable, name the file
-            raise UsageError(f"{path} is not a readable optimizer state ({str(exc).splitlines()[0][:160]})") from None
-        self.opt.load_state_dict(state)
+        self.opt.load_state_dict(resume.opt)
         for group in self.opt.param_groups:
             group["weight_decay"] = self.weight_decay
 
     def _load_ema_parameters(self, rate):
-        ema_path = None
-        if self.resumed_from_training:
-            ema_path = find_ema_checkpoint(self.resume_checkpoint, self.resume_step, rate)
-            if ema_path is None:
-                logger.warn(f"no EMA file for rate {rate} at step {self.resume_step}; it restarts from the model")
-        if ema_path is None:
+        resume = self._resume
+        state_dict = None if resume is None else resume.emas.get(rate)
+        if state_dict is None:
             return copy.deepcopy(self.mp_trainer.master_params)
-        state_dict = load_state_dict(ema_path, map_location=self.device)
-        return [p.detach().clone() for p in self.mp_trainer.state_dict_to_master_params(state_dict)]
+        masters = self.mp_trainer.state_dict_to_master_params(state_dict)
+        return [p.detach().to(self.device, copy=True) for p in masters]
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -283,29 +635,31 @@ class _TrainLoopBase:
 
     def run_loop(self):
         end = self.end_step()
-        progress = tqdm(total=end, initial=self.step, disable=self.rank != 0, unit="step", dynamic_ncols=True)
-        self._last_dump = (time.perf_counter(), self.step)
-        while end is None or self.step < end:
+        progress = tqdm(total=end, initial=self.completed_steps, disable=self.rank != 0, unit="step", dynamic_ncols=True)
+        self._last_dump = (time.perf_counter(), self.completed_steps)
+        while end is None or self.completed_steps < end:
             batch, cond = next(self.data)
+            if self.seed is not None:
+                seed_step(self.seed, self.rank, self.completed_steps)
             self.run_step(batch, cond)
             self.step += 1
             progress.update(1)
-            if self.step % self.log_interval == 0:
+            if self.completed_steps % self.log_interval == 0:
                 self._dump_logs(progress)
-            if self.step % self.save_interval == 0:
+            if self.completed_steps % self.save_interval == 0:
                 self.save()
-        if self._last_dump[1] != self.step:
+        if self._last_dump[1] != self.completed_steps:
             self._dump_logs(progress)
         progress.close()
-        if self.last_saved_step != self.step:
+        if self.last_saved_step != self.completed_steps:
             self.save()
 
     def _dump_logs(self, progress):
         """Write the logged means since the last dump, with the throughput, and show them in the bar."""
         now = time.perf_counter()
         then, step_then = self._last_dump
-        images_per_sec = (self.step - step_then) * self.global_batch / max(now - then, 1e-9)
-        self._last_dump = (now, self.step)
+        images_per_sec = (self.completed_steps - step_then) * self.global_batch / max(now - then, 1e-9)
+        self._last_dump = (now, self.completed_steps)
         logger.logkv("images_per_sec", images_per_sec)
         row = logger.dumpkvs()
         loss = row.get("loss", row.get("train_loss"))
@@ -313,16 +667,27 @@ class _TrainLoopBase:
             progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_sec:.1f}")
 
     def run_step(self, batch, cond):
-        if self.seed is not None:
-            seed_step(self.seed, self.rank, self.step)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step)
+        """One optimizer step on ``batch``: learning rate, gradients, update, EMA, logged values."""
+        self._anneal_lr()
         self.forward_backward(batch, cond)
-        if self.mp_trainer.optimize(self.opt):
-            for rate, params in zip(self.ema_rate, self.ema_params):
-                update_ema(params, self.mp_trainer.master_params, rate=rate)
-        logger.logkv("step", self.step + 1)
-        logger.logkv("samples", (self.step + 1) * self.global_batch)
+        took_step = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            self._update_ema()
+        self.log_step()
+
+    def _update_ema(self):
+        for rate, params in zip(self.ema_rate, self.ema_params):
+            update_ema(params, self.mp_trainer.master_params, rate=rate)
+
+    def _anneal_lr(self):
+        """Set the learning rate of the coming step (see lr_at)."""
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.completed_steps)
+
+    def log_step(self):
+        """Log the step just taken (its number counts from 1), the images seen and the learning rate."""
+        logger.logkv("step", self.completed_steps + 1)
+        logger.logkv("samples", (self.completed_steps + 1) * self.global_batch)
         logger.logkv("lr", self.opt.param_groups[0]["lr"])
 
     def lr_at(self, step: int) -> float:
@@ -346,33 +711,80 @@ class _TrainLoopBase:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def save(self):
-        """Write the model, each EMA and the optimizer state at the current step (rank 0), atomically."""
+        """Write the checkpoint set of the current step (rank 0): model, each EMA, the optimizer, then its record."""
+        step = self.completed_steps
         if self.rank == 0:
-            files = [(model_checkpoint_name(self.step), self.mp_trainer.master_params)]
-            files += [(ema_checkpoint_name(r, self.step), p) for r, p in zip(self.ema_rate, self.ema_params)]
-            for name, params in files:
-                logger.log(f"saving {name}...")
-                state_dict = self.mp_trainer.master_params_to_state_dict(params)
-                save_atomic(state_dict, os.path.join(self.checkpoint_dir, name))
-            save_atomic(self.opt.state_dict(), os.path.join(self.checkpoint_dir, opt_checkpoint_name(self.step)))
+            states = [(model_checkpoint_name(step), self.mp_trainer.master_params)]
+            states += [(ema_checkpoint_name(r, step), p) for r, p in zip(self.ema_rate, self.ema_params)]
+            logger.log(f"saving the checkpoint set of step {step}: " + ", ".join(name for name, _ in states) + " and "
+                       + opt_checkpoint_name(step))
+            files = [(name, self.mp_trainer.master_params_to_state_dict(params)) for name, params in states]
+            files.append((opt_checkpoint_name(step), self.opt.state_dict()))
+            write_checkpoint_set(self.checkpoint_dir, step, files)
         dist_util.barrier()
-        self.last_saved_step = self.step
+        self.last_saved_step = step
 
 
 class TrainLoop(_TrainLoopBase):
-    """ADM's diffusion training loop (same arguments) plus use_bf16, input_perturbation, max_steps, seed.
+    """ADM's diffusion training loop (ADM's arguments first), plus use_bf16, input_perturbation,
+    max_steps, seed, checkpoint_dir and allow_incomplete_resume.
 
     For a resume identical to an uninterrupted run, give the same seed and data made with
     ``load_data(..., seed=..., start_batch=parse_resume_step_from_filename(resume_checkpoint))``.
     """
 
-    def __init__(self, *, diffusion, schedule_sampler=None, input_perturbation=0.0, **kwargs):
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        use_bf16=False,
+        input_perturbation=0.0,
+        max_steps=0,
+        seed=None,
+        checkpoint_dir=None,
+        initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
+        allow_incomplete_resume=False,
+    ):
         if input_perturbation < 0:
             raise UsageError(f"--input_perturbation must be >= 0 (DDPM-IP uses 0.1), got {input_perturbation}")
         self.diffusion = diffusion
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.input_perturbation = input_perturbation
-        super().__init__(**kwargs)
+        super().__init__(
+            model=model,
+            data=data,
+            batch_size=batch_size,
+            microbatch=microbatch,
+            lr=lr,
+            ema_rate=ema_rate,
+            log_interval=log_interval,
+            save_interval=save_interval,
+            resume_checkpoint=resume_checkpoint,
+            use_fp16=use_fp16,
+            use_bf16=use_bf16,
+            fp16_scale_growth=fp16_scale_growth,
+            initial_lg_loss_scale=initial_lg_loss_scale,
+            weight_decay=weight_decay,
+            lr_anneal_steps=lr_anneal_steps,
+            max_steps=max_steps,
+            seed=seed,
+            checkpoint_dir=checkpoint_dir,
+            allow_incomplete_resume=allow_incomplete_resume,
+        )
 
     def forward_backward(self, batch, cond):
         self.mp_trainer.zero_grad()
@@ -430,7 +842,7 @@ class ClassifierTrainLoop(_TrainLoopBase):
 
     def run_step(self, batch, cond):
         super().run_step(batch, cond)
-        if self.val_data is not None and self.step % self.eval_interval == 0:
+        if self.val_data is not None and self.completed_steps % self.eval_interval == 0:
             self.model.eval()
             with torch.no_grad():
                 self._forward_backward_log(self.model, *next(self.val_data), prefix="val")
@@ -492,4 +904,5 @@ def train_loop_from_args(args, model, diffusion, data, schedule_sampler):
         input_perturbation=args.input_perturbation,
         max_steps=args.max_steps,
         seed=args.seed,
+        allow_incomplete_resume=getattr(args, "allow_incomplete_resume", False),
     )

@@ -19,9 +19,13 @@ checkpoints load as they are. A UNetModel holds, in state_dict order:
 
 EncoderUNetModel is the input blocks and middle block followed by a pooling head (``out``).
 
-Attention runs through torch's scaled_dot_product_attention (fused kernels where the device
-has them). The two checkpoint families lay out q, k, v differently inside the qkv projection:
-QKVAttentionLegacy (per head: q, k, v) and QKVAttention (q of all heads, then k, then v).
+Attention computes what ADM computes, in ADM's order of operations (q and k each scaled by
+C^-1/4, two einsums, the softmax in float32), so outputs equal ADM's bit for bit. Inside
+``with fused_attention():`` (the samplers' ``--fused_attention`` switch, speed.py) it runs through
+torch's scaled_dot_product_attention instead: the same function, faster and without the T x T
+weight tensor, rounded differently in the last bits. The two checkpoint families lay out q, k, v
+differently inside the qkv projection: QKVAttentionLegacy (per head: q, k, v) and QKVAttention
+(q of all heads, then k, then v).
 
 Half precision as ADM does it: ``convert_to_fp16()`` turns the convolutions of the body (input,
 middle, output blocks) to float16; embeddings, linear layers, normalization (computed in
@@ -30,6 +34,8 @@ convolutions (``model.dtype``), so a model built with ``use_fp16=True`` runs in 
 it is converted, which ADM's scripts do after loading the weights.
 """
 
+import contextlib
+import math
 from abc import abstractmethod
 
 import torch
@@ -192,17 +198,52 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+_FUSED_ATTENTION = False  # set only by fused_attention(); a plain global, so torch.compile can guard on it
+
+
+@contextlib.contextmanager
+def fused_attention(enabled: bool = True):
+    """Within this context, attention runs through scaled_dot_product_attention (see the module
+    docstring); outside it, ADM's own arithmetic."""
+    global _FUSED_ATTENTION
+    previous, _FUSED_ATTENTION = _FUSED_ATTENTION, bool(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_ATTENTION = previous
+
+
 def _multi_head_attention(qkv, n_heads, per_head_qkv):
     """softmax(q k^T / sqrt(C)) v for every head: [N x 3*H*C x T] -> [N x H*C x T].
 
     `per_head_qkv` chooses how the 3*H*C channels split: (head, q/k/v, C) for the legacy
-    order, (q/k/v, head, C) for the new one. One token-major copy gives q, k, v a unit stride
-    along C, which the fused attention kernels need.
+    order, (q/k/v, head, C) for the new one.
     """
     batch, width, length = qkv.shape
     if width % (3 * n_heads):
         raise ValueError(f"qkv width {width} is not a multiple of 3 * {n_heads} heads")
     ch = width // (3 * n_heads)
+    if _FUSED_ATTENTION:
+        return _sdpa_attention(qkv, n_heads, ch, per_head_qkv)
+    # ADM's order of operations: q and k each scaled by C^-1/4 before the product, softmax in float32
+    quarter = 1 / math.sqrt(math.sqrt(ch))
+    heads = batch * n_heads
+    if per_head_qkv:
+        q, k, v = qkv.reshape(heads, 3 * ch, length).split(ch, dim=1)
+        q, k = q * quarter, k * quarter
+    else:
+        q, k, v = qkv.chunk(3, dim=1)  # scaled before the per-head view, as ADM's QKVAttention
+        q, k = (q * quarter).view(heads, ch, length), (k * quarter).view(heads, ch, length)
+        v = v.reshape(heads, ch, length)
+    logits = torch.einsum("bct,bcs->bts", q, k)
+    weights = torch.softmax(logits.float(), dim=-1).type(logits.dtype)
+    return torch.einsum("bts,bcs->bct", weights, v).reshape(batch, -1, length)
+
+
+def _sdpa_attention(qkv, n_heads, ch, per_head_qkv):
+    """The same attention through scaled_dot_product_attention. One token-major copy gives q, k,
+    v a unit stride along C, which the fused kernels need."""
+    batch, _, length = qkv.shape
     tokens = qkv.transpose(1, 2).contiguous()
     if per_head_qkv:
         q, k, v = tokens.view(batch, length, n_heads, 3, ch).unbind(3)
@@ -210,6 +251,18 @@ def _multi_head_attention(qkv, n_heads, per_head_qkv):
         q, k, v = tokens.view(batch, length, 3, n_heads, ch).unbind(2)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(2, 3).reshape(batch, n_heads * ch, length)
+
+
+def count_flops_attn(model, _x, y):
+    """A thop counter hook for the attention modules (``thop.profile(..., custom_ops={...})``).
+
+    thop does not see the two batched matrix products inside attention: q k^T and the weights
+    times v, each T*T*C multiply-adds per sample for an output ``y`` of shape [N x C x T] (C the
+    channels of all heads). They are added to ``model.total_ops`` as 2 * N * T^2 * C.
+    """
+    batch, channels, *spatial = y[0].shape
+    tokens = math.prod(spatial)
+    model.total_ops += torch.DoubleTensor([2 * batch * tokens**2 * channels])
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -222,6 +275,10 @@ class QKVAttentionLegacy(nn.Module):
     def forward(self, qkv):
         return _multi_head_attention(qkv, self.n_heads, per_head_qkv=True)
 
+    @staticmethod
+    def count_flops(model, _x, y):
+        return count_flops_attn(model, _x, y)
+
 
 class QKVAttention(nn.Module):
     """Multi-head attention on qkv laid out as (q of all heads, k, v): [N x 3*H*C x T] -> [N x H*C x T]."""
@@ -232,6 +289,10 @@ class QKVAttention(nn.Module):
 
     def forward(self, qkv):
         return _multi_head_attention(qkv, self.n_heads, per_head_qkv=False)
+
+    @staticmethod
+    def count_flops(model, _x, y):
+        return count_flops_attn(model, _x, y)
 
 
 class AttentionBlock(nn.Module):
@@ -407,8 +468,17 @@ class _TimestepTrunk(nn.Module):
 
     @property
     def dtype(self):
-        """The dtype the blocks compute in: float16 after convert_to_fp16(), else float32."""
-        return self.input_blocks[0][0].weight.dtype
+        """The dtype the blocks compute in: float16 after convert_to_fp16(), else float32.
+
+        Assignable, as ADM's attribute is (``model.dtype = torch.float32``): an assigned dtype is
+        used until ``None`` is assigned, which goes back to following the convolutions.
+        """
+        assigned = self.__dict__.get("_assigned_dtype")
+        return assigned if assigned is not None else self.input_blocks[0][0].weight.dtype
+
+    @dtype.setter
+    def dtype(self, value):
+        self.__dict__["_assigned_dtype"] = value
 
     def _body(self):
         return [self.input_blocks, self.middle_block]
@@ -439,8 +509,11 @@ class _TimestepTrunk(nn.Module):
                 f"image size {tuple(x.shape[2:])} is not divisible by {factor}, which this model "
                 f"(built for {self.image_size} px) needs; resize the images"
             )
-        if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must have shape [{x.shape[0]}] (one per image); got {tuple(timesteps.shape)}")
+        if timesteps.shape not in ((x.shape[0],), (1,)):
+            raise ValueError(
+                f"timesteps must have shape [{x.shape[0]}] (one per image) or [1] (one for all); "
+                f"got {tuple(timesteps.shape)}"
+            )
         if self.num_classes is None and y is not None:
             raise ValueError("labels y were given to an unconditional model; drop y or use a class-conditional model")
         if self.num_classes is not None:
@@ -449,7 +522,10 @@ class _TimestepTrunk(nn.Module):
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape [{x.shape[0]}] (one label per image); got {tuple(y.shape)}")
 
-    def _embed(self, timesteps, y):
+    def _embed(self, timesteps, y, batch):
+        # A single timestep serves the whole batch (ADM broadcasts it); expanding gives every
+        # image the very embedding it would get alone.
+        timesteps = timesteps.expand(batch)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
@@ -459,7 +535,8 @@ class _TimestepTrunk(nn.Module):
 class UNetModel(_TimestepTrunk):
     """ADM's UNet; `attention_resolutions` are downsample rates (at 64 px, (2, 4, 8) = 32, 16, 8 px).
 
-    forward(x [N x C x ...], timesteps [N], y [N] labels if class-conditional) -> [N x out_channels x ...].
+    forward(x [N x C x ...], timesteps [N] (or [1], shared by the batch), y [N] labels if
+    class-conditional) -> [N x out_channels x ...].
     """
 
     def __init__(
@@ -534,7 +611,7 @@ class UNetModel(_TimestepTrunk):
 
     def forward(self, x, timesteps, y=None):
         self._check_inputs(x, timesteps, y)
-        emb = self._embed(timesteps, y)
+        emb = self._embed(timesteps, y, x.shape[0])
         h = x.type(self.dtype)
         skips = []
         for block in self.input_blocks:
@@ -659,7 +736,7 @@ class EncoderUNetModel(_TimestepTrunk):
                 f"images must be {self.image_size}x{self.image_size} for this classifier's attention pool; "
                 f"got {tuple(x.shape[2:])}"
             )
-        emb = self._embed(timesteps, None)
+        emb = self._embed(timesteps, None, x.shape[0])
         spatial_means = []
         h = x.type(self.dtype)
         for block in self.input_blocks:

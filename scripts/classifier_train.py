@@ -1,6 +1,7 @@
 """Train a noise-aware classifier (for classifier guidance) on images.
 
-ADM's command line, plus --use_bf16 (bfloat16 autocast), --seed and --log_dir. Labels are the
+ADM's command line, plus --use_bf16 (bfloat16 autocast), --seed, --log_dir and
+--allow_incomplete_resume (resume from a checkpoint set that lacks its optimizer state). Labels are the
 file-name prefixes before the first "_" (or the digits, with --data_dir digits).
 Example:
     python scripts/classifier_train.py --data_dir digits --image_size 8 --num_classes 10 \
@@ -85,6 +86,7 @@ def main(argv=None):
         use_fp16=args.classifier_use_fp16,
         use_bf16=args.use_bf16,
         seed=args.seed,
+        allow_incomplete_resume=args.allow_incomplete_resume,
     ).run_loop()
 
 

@@ -3,13 +3,14 @@
 The model is a folder written by save_pretrained or a model id (DDPMPipeline, DDIMPipeline,
 LDMPipeline). Seeds, sharding, resume, the NPZ and its JSON sidecar are those of image_sample.py,
 so the evaluator scores the output the same way. Needs: pip install 'guided-diffusion-es[diffusers]'.
+Pairings: DDPMPipeline drives --scheduler ddpm, ddim or dpmsolver; DDIMPipeline ddim; LDMPipeline all
+five; the others are refused in one line (diffusers_es.check_pairing says why).
 Example:
     python scripts/diffusers_sample.py --model google/ddpm-cifar10-32 --scheduler ddpm --steps 100 \
         --eps_scale 1.017 --num_samples 50000 --batch_size 256 --output_dir samples/ddpm_es
 """
 
 import argparse
-import inspect
 
 from guided_diffusion import diffusers_es, dist_util, logger, sampling
 from guided_diffusion.script_util import (
@@ -41,18 +42,13 @@ def main():
         diffusers = diffusers_es.require_diffusers()
     except ImportError as exc:
         raise UsageError(str(exc)) from None
-    diffusers.utils.logging.disable_progress_bar()  # loading bars; sampling has its own
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     schedule, source = sampling_eps_scale(args.eps_scale, config, args.steps)
     pipe = diffusers_es.load_pipeline(args.model)
     scheduler = diffusers_es.use_scheduler(pipe, args.scheduler)
+    diffusers_es.check_pairing(pipe, args.steps, args.eta)  # before anything is written
     diffusers_es.apply_eps_scaling(pipe, schedule)
-    call_kwargs = {}
-    if "eta" in inspect.signature(pipe.__call__).parameters:
-        call_kwargs["eta"] = args.eta
-    elif args.eta != 0.0:
-        raise UsageError(f"--eta {args.eta}: {type(pipe).__name__} takes no eta; leave --eta at 0")
 
     sampling.start(args)
     logger.log(f"{type(pipe).__name__} with {type(scheduler).__name__}, {args.steps} steps, "
@@ -63,7 +59,7 @@ def main():
 
     def sample_batch(indices):
         images = diffusers_es.sample_images(pipe, args.seed, indices, args.steps, args.network_batch_size,
-                                            unet_network, **call_kwargs)
+                                            unet_network, eta=args.eta)
         return images, None
 
     scheduler_config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}

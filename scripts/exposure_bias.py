@@ -28,6 +28,7 @@ from guided_diffusion.script_util import (
     add_dict_to_argparser,
     cli_main,
     create_model_and_diffusion,
+    eps_scale_flag,
     model_and_diffusion_defaults,
     output_folder,
     parse_args_with_config,
@@ -60,7 +61,7 @@ def main():
         create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",
         args.image_size,
     )
-    schedule, source = sampling_eps_scale(args.eps_scale, config, diffusion.num_timesteps)
+    schedule, source = sampling_eps_scale(eps_scale_flag(args), config, diffusion.num_timesteps)
     common = dict(labels=labels, seed=args.seed, batch_size=args.batch_size, clip_denoised=args.clip_denoised,
                   use_ddim=args.use_ddim, progress=args.progress)
     runs = [measure_exposure_bias(diffusion, model, images, None, **common)]

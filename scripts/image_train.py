@@ -1,7 +1,7 @@
 """Train a diffusion model on images.
 
 ADM's command line, plus --max_steps (end the run), --use_bf16 (bfloat16 autocast),
---input_perturbation GAMMA (DDPM-IP), --seed and --log_dir (checkpoints and logs).
+--input_perturbation GAMMA (DDPM-IP; ADM-ES's --eps_scaler GAMMA does the same), --seed and --log_dir (checkpoints and logs).
 --data_dir takes a folder of images, or digits / digits:SIZE (scikit-learn's 8x8 digits) offline.
 Example:
     python scripts/image_train.py --data_dir digits --image_size 8 --num_channels 32 --channel_mult 1,2 \
@@ -16,6 +16,7 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import (
+    UsageError,
     add_dict_to_argparser,
     args_to_dict,
     cli_main,
@@ -40,6 +41,9 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    if args.eps_scaler and args.input_perturbation:
+        raise UsageError("--eps_scaler (ADM-ES's input perturbation) and --input_perturbation are the same "
+                         "DDPM-IP perturbation; give one of them")
     start_training(args)
     logger.log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))

@@ -1,7 +1,7 @@
 """Train a super-resolution diffusion model (the network also sees the image downsampled to --small_size).
 
 ADM's command line, plus the new training flags of image_train.py (--max_steps, --use_bf16,
---input_perturbation, --seed, --log_dir).
+--input_perturbation, --seed, --log_dir, --allow_incomplete_resume).
 Example:
     python scripts/super_res_train.py --data_dir images/ --large_size 256 --small_size 64 \
         --num_channels 192 --num_res_blocks 2 --learn_sigma True --batch_size 4 --log_dir runs/sr

@@ -1,4 +1,4 @@
-"""Retrain the shipped digits models (configs/digits_*.yaml) and the digit feature network.
+"""Retrain the shipped digits models (guided_diffusion/configs/digits_*.yaml) and the digit feature network.
 
     python scripts/train_digits_models.py                 # everything, about 30 CPU-minutes
     python scripts/train_digits_models.py --only digits_uncond --max_steps 200
