@@ -1,11 +1,14 @@
 """ADM's evaluator: Inception Score, FID, sFID, precision and recall of a sample batch.
 
     python evaluations/evaluator.py REF.npz SAMPLE.npz [--backend tf|torch] [--json OUT.json]
+                                    [--distance_dtype float16|float32]
 
 REF.npz is one of ADM's reference batches (arr_0 images; mu, sigma, mu_s, sigma_s statistics
 which are used when present) or one made by scripts/make_reference_batch.py; SAMPLE.npz holds
 arr_0 uint8 [N, H, W, 3]. Prints ADM's result lines, then a table; writes every number, the image
 counts and the files' sha256 to a JSON file (default: SAMPLE.eval.json beside the samples).
+Every number is ADM's, with either backend: precision and recall use ADM's float16 distances
+unless --distance_dtype float32 asks for exact ones (see evaluations/manifold.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from evaluations.activations import BatchActivations, compute_activations
 from evaluations.cli import add_inception_arguments, open_inception
 from evaluations.feature_statistics import class_probabilities, inception_score
 from evaluations.inception import InceptionFeatures
-from evaluations.manifold import NEIGHBOURHOOD_SIZE, precision_recall
+from evaluations.manifold import DISTANCE_DTYPES, NEIGHBOURHOOD_SIZE, precision_recall
 from evaluations.npz_stream import NpzImages, read_stored_statistics
 from evaluations.report import format_table, write_json
 from guided_diffusion.file_util import sha256_file
@@ -45,8 +48,18 @@ def read_batch(path, model: InceptionFeatures, batch_size: int, desc: str) -> tu
     return activations, info
 
 
-def evaluate(reference_path, sample_path, model: InceptionFeatures, batch_size: int = 64, device="cpu") -> dict:
-    """Every metric of the sample batch against the reference batch, printed as ADM prints them."""
+def evaluate(
+    reference_path,
+    sample_path,
+    model: InceptionFeatures,
+    batch_size: int = 64,
+    device="cpu",
+    distance_dtype: str = "float16",
+) -> dict:
+    """Every metric of the sample batch against the reference batch, printed as ADM prints them.
+
+    ``distance_dtype`` is that of precision and recall's distances: "float16" is ADM's.
+    """
     print("computing reference batch activations...")
     reference, reference_info = read_batch(reference_path, model, batch_size, "reference")
     print("computing sample batch activations...")
@@ -61,7 +74,9 @@ def evaluate(reference_path, sample_path, model: InceptionFeatures, batch_size: 
     metrics["sfid"] = sample.spatial_statistics.frechet_distance(reference.spatial_statistics)
     print("sFID:", metrics["sfid"])
     metrics["precision"], metrics["recall"] = precision_recall(
-        torch.from_numpy(reference.pool).to(device), torch.from_numpy(sample.pool).to(device)
+        torch.from_numpy(reference.pool).to(device),
+        torch.from_numpy(sample.pool).to(device),
+        distance_dtype=distance_dtype,
     )
     print("Precision:", metrics["precision"])
     print("Recall:", metrics["recall"])
@@ -73,6 +88,13 @@ def main(argv=None) -> dict:
     parser.add_argument("ref_batch", help="reference batch .npz")
     parser.add_argument("sample_batch", help="sample batch .npz")
     parser.add_argument("--json", default="", help="where to write the results (default: SAMPLE.eval.json)")
+    parser.add_argument(
+        "--distance_dtype", choices=DISTANCE_DTYPES, default="float16",
+        help="precision/recall distances. float16: as ADM's evaluator computes them (ADM's numbers; a block "
+        "holding a value too large for float16 is computed in float32); float32: every distance in float32, "
+        "exact but not ADM's (samples within float16 round-off of a ball's surface can change sides, which "
+        "can move precision and recall by about 0.01)",
+    )
     add_inception_arguments(parser)
     args = parser.parse_args(argv)
     json_path = Path(args.json or Path(args.sample_batch).with_suffix(".eval.json"))
@@ -87,11 +109,14 @@ def main(argv=None) -> dict:
         read_stored_statistics(path)
     model, graph_record = open_inception(args)
     try:
-        result = evaluate(args.ref_batch, args.sample_batch, model, args.batch_size, args.device)
+        result = evaluate(
+            args.ref_batch, args.sample_batch, model, args.batch_size, args.device, args.distance_dtype
+        )
     finally:
         model.close()
     result["inception"] = graph_record
     result["batch_size"] = args.batch_size
+    result["distance_dtype"] = args.distance_dtype
     print()
     print(format_table(result))
     write_json(result, json_path)

@@ -31,8 +31,9 @@ class FIDStatistics:
 def frechet_distance(first: FIDStatistics, second: FIDStatistics, eps: float = 1e-6) -> float:
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), as ADM computes it.
 
-    When the product of the covariances is singular (fewer images than features, say), ``eps``
-    is added to the diagonal of both covariances, as ADM does.
+    As ADM, ``eps`` is added to the diagonal of both covariances only when SciPy's square root of
+    the product is not finite. A product that is merely singular (fewer images than features, or
+    features of low rank) keeps its square root, and SciPy's warning about it is not shown.
     """
     if first.mu.shape != second.mu.shape:
         raise ValueError(
@@ -40,13 +41,13 @@ def frechet_distance(first: FIDStatistics, second: FIDStatistics, eps: float = 1
             "make both with the same Inception graph"
         )
     diff = first.mu - second.mu
-    covmean = _sqrtm_unless_singular(first.sigma @ second.sigma)
-    if covmean is None:
-        warnings.warn(f"the covariance product is singular; adding {eps} to the diagonal of both covariances")
+    covmean = matrix_sqrt(first.sigma @ second.sigma)
+    if not np.isfinite(covmean).all():
+        warnings.warn(
+            f"the square root of the covariance product is not finite; adding {eps} to the diagonal of both covariances"
+        )
         offset = np.eye(first.mu.size) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", linalg.LinAlgWarning)
-            covmean = linalg.sqrtm((first.sigma + offset) @ (second.sigma + offset))
+        covmean = matrix_sqrt((first.sigma + offset) @ (second.sigma + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(
@@ -57,14 +58,17 @@ def frechet_distance(first: FIDStatistics, second: FIDStatistics, eps: float = 1
     return float(diff @ diff + np.trace(first.sigma) + np.trace(second.sigma) - 2 * np.trace(covmean))
 
 
-def _sqrtm_unless_singular(matrix: np.ndarray):
-    """scipy's matrix square root, or None when scipy finds the matrix singular or fails."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", linalg.LinAlgWarning)
-        root = linalg.sqrtm(matrix)
-    if any(issubclass(w.category, linalg.LinAlgWarning) for w in caught) or not np.isfinite(root).all():
-        return None
-    return root
+def matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """scipy.linalg.sqrtm(matrix): the matrix ADM's ``sqrtm(..., disp=False)[0]`` is, on any SciPy.
+
+    ``disp`` is never passed (SciPy 1.16 deprecates it and 1.18 removes it); it only chose between
+    printing a warning and returning an error estimate besides the same matrix. SciPy's warning
+    that the matrix is singular or ill-conditioned is suppressed: finiteness is checked by the
+    caller, as ADM checks it.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(matrix)
 
 
 class RunningStatistics:

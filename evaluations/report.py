@@ -26,6 +26,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{side:<11}{info['num_images']:>8}  {size:<9}{info['statistics']:<12}{info['sha256']}")
     graph = result["inception"]
     lines.append(f"inception graph sha256 {graph['sha256']} ({graph['backend']} backend)")
+    dtype = result.get("distance_dtype", "float16")
+    lines.append(f"precision/recall distances in {dtype}" + (" (ADM's)" if dtype == "float16" else " (not ADM's)"))
     return "\n".join(lines)
 
 

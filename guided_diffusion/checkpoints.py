@@ -76,7 +76,7 @@ def load_state_dict(path, map_location="cpu") -> dict:
         if "truncated" in first or "ran out of input" in first.lower():
             raise UsageError(f"{path} is cut short ({first}); fetch the checkpoint again") from None
         raise UsageError(
-            f"{path} contains pickled objects that safe loading refuses ({first[:160]}); "
+            f"{path} contains pickled objects that safe loading refuses ({weights_only_refusal(exc)}); "
             "only files of tensors (model*.pt, ema_*.pt, .safetensors) are loaded"
         ) from None
     except Exception as exc:  # any other failure to parse (a cut-short file, a deep pickle): not a checkpoint
@@ -103,6 +103,19 @@ def _checked(path: Path, obj) -> dict:
 def _first_line(exc: BaseException, empty: str | None = None) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:160] if text else (empty or type(exc).__name__)
+
+
+def weights_only_refusal(exc: BaseException) -> str:
+    """What torch's weights-only loader refused (e.g. 'Unsupported global: GLOBAL posix.system'),
+    without its advice to load the file with weights_only=False, which would run the file's code."""
+    advice = ("weights_only", "weights only", "torch.load", "trust", "still be loaded", "alternatively",
+              "file an issue", "documentation", "safe_globals", "allowlist")
+    text = str(exc).replace("WeightsUnpickler error:", "\n")
+    for sentence in re.split(r"(?<=\.)\s+|\n+", text):
+        sentence = " ".join(sentence.split()).rstrip(".")
+        if sentence and not any(word in sentence.lower() for word in advice):
+            return sentence[:160]
+    return "an object that is not a tensor"
 
 
 # ---------------------------------------------------------------------------------------------

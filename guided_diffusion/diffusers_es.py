@@ -264,9 +264,13 @@ SAMPLED_PIPELINES = {
 _VARIANCE_SCHEDULERS = ("DDPMScheduler", "DPMSolverMultistepScheduler")
 
 
+def _listed(words, last: str = "or") -> str:
+    words = list(words)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
+
+
 def _flags_for(scheduler_names) -> str:
-    flags = [flag for flag, name in SCHEDULER_FLAGS.items() if name in scheduler_names]
-    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
+    return _listed(flag for flag, name in SCHEDULER_FLAGS.items() if name in scheduler_names)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -356,7 +360,7 @@ def _hub_model_index(model: str) -> Path:
             raise UsageError(f"model {model} has no model_index.json, so it is not a diffusers pipeline; "
                              f"{_ANY_PIPELINE}") from None
         except Exception as exc:  # network failures come as several types (httpx, OSError, ...)
-            raise UsageError(f"{not_here}, and the Hub cannot be reached ({_one_line(exc)}); {fetch}") from None
+            raise UsageError(f"{not_here}, and fetching it from the Hub failed ({_one_line(exc)}); {fetch}") from None
 
 
 def _pipeline_index(model: str) -> dict:
@@ -394,14 +398,16 @@ def load_pipeline(model: str):
         kind = f"a {class_name}, a text-to-image pipeline" if text else f"a {class_name}"
         raise UsageError(
             f"--model {model} is {kind}, which this script cannot run: it samples the unconditional "
-            f"{', '.join(SAMPLED_PIPELINES)}; in Python, guided_diffusion.diffusers_es.apply_eps_scaling(pipe, ...) "
-            "adds Epsilon Scaling to any diffusers pipeline"
+            f"{_listed(SAMPLED_PIPELINES, 'and')}; in Python, "
+            "guided_diffusion.diffusers_es.apply_eps_scaling(pipe, ...) adds Epsilon Scaling to any diffusers pipeline"
         )
     try:
         with quiet_loading():
             pipe = diffusers.DiffusionPipeline.from_pretrained(model)
     except Exception as exc:  # a broken or partly cached pipeline fails in many ways; all are the user's to fix
-        raise UsageError(f"cannot load the {class_name} of --model {model}: {_one_line(exc)}; {_ANY_PIPELINE}") from None
+        raise UsageError(
+            f"cannot load the {class_name} of --model {model}: {_one_line(exc)}; {_ANY_PIPELINE}"
+        ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -427,7 +433,7 @@ def check_pairing(pipe, num_steps: int, eta: float = 0.0) -> None:
     pipeline, scheduler = type(pipe).__name__, type(pipe.scheduler).__name__
     if pipeline not in SAMPLED_PIPELINES:
         raise UsageError(f"{pipeline} is not one of the unconditional pipelines this sampler drives "
-                         f"({', '.join(SAMPLED_PIPELINES)})")
+                         f"({_listed(SAMPLED_PIPELINES, 'and')})")
     if scheduler not in SCALABLE_SCHEDULERS:
         raise UsageError(f"the pipeline's scheduler {scheduler} is not one Epsilon Scaling supports; "
                          f"use --scheduler {_flags_for(SAMPLED_PIPELINES[pipeline][0])}")
@@ -446,7 +452,9 @@ def check_pairing(pipe, num_steps: int, eta: float = 0.0) -> None:
     if out == 2 * channels:
         what = f"the UNet predicts noise and variance ({out} channels for a {channels}-channel sample)"
         if scheduler not in _VARIANCE_SCHEDULERS:
-            raise UsageError(f"{what}, which {scheduler} cannot read; use --scheduler {_flags_for(_VARIANCE_SCHEDULERS)}")
+            raise UsageError(
+                f"{what}, which {scheduler} cannot read; use --scheduler {_flags_for(_VARIANCE_SCHEDULERS)}"
+            )
         if not learned:
             raise UsageError(f"{what}, but the scheduler's variance_type is {variance!r}; "
                              "set variance_type to learned_range in its scheduler_config.json")
@@ -611,7 +619,7 @@ def sample_images(pipe, seed: int, indices: Sequence[int], num_steps: int,
     scheduler = pipe.scheduler
     generators = ImageNoise(seed, indices).generators
     call_kwargs = {"eta": eta} if _takes_eta(pipe) else {}
-    pass  # MUTANT
+    scheduler.set_timesteps(num_steps)
     before = _global_rng_states(pipe.device)
     with torch.no_grad(), aligned_networks(pipe, indices, network_batch, unet_network), \
             _steps_draw_from(scheduler, generators):

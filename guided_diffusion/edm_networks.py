@@ -30,7 +30,10 @@ def _placeholder_weight(*shape) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, with the weight cast to the input's dtype (fp16 runs keep fp32 weights)."""
+    """y = x W^T + b, with the weight cast to the input's dtype (fp16 runs keep fp32 weights).
+
+    The product and the bias are two operations, as in EDM (a fused addmm rounds differently on
+    some devices)."""
 
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
@@ -40,8 +43,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        out = torch.matmul(x, self.weight.to(x.dtype).t())
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
 
 def _resample_kernel(taps) -> torch.Tensor:
@@ -154,7 +157,7 @@ class UNetBlock(nn.Module):
         params = self.affine(emb)[:, :, None, None].to(h.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
-            h = F.silu(shift + self.norm1(h) * (scale + 1))
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))  # one fused op, as EDM rounds it
         else:
             h = F.silu(self.norm1(h + params))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
@@ -168,8 +171,13 @@ class UNetBlock(nn.Module):
         heads = self.num_heads
         # Channels of qkv are laid out [head][channel within head][q, k, v], as EDM's weights expect.
         q, k, v = self.qkv(x).reshape(n * heads, c // heads, 3, height * width).unbind(2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).reshape(n, c, height, width)
+        # softmax(q^T k / sqrt(c)) in float32 with k scaled first, then v times the weights: EDM's
+        # order of operations, so the outputs are EDM's to the bit (a fused attention kernel is
+        # as exact but rounds differently, and a sampler's 35 steps can carry that to a pixel)
+        scaled_k = (k / math.sqrt(k.shape[1])).to(torch.float32)
+        weights = torch.bmm(q.to(torch.float32).transpose(1, 2), scaled_k).softmax(dim=2).to(q.dtype)
+        out = torch.bmm(v, weights.transpose(1, 2))
+        return out.reshape(n, c, height, width)
 
 
 class PositionalEmbedding(nn.Module):
@@ -464,11 +472,13 @@ class VPPrecond(_Precond):
         self.epsilon_t = epsilon_t
         # EDM evaluates these in float32 (0.0009765625 and 152.1669769 for its defaults, where the
         # exact values are 0.0010005 and 152.1669703); samplers clip their range to them
-        self.sigma_min = float(self.sigma(torch.tensor(epsilon_t, device="cpu")))
-        self.sigma_max = float(self.sigma(torch.tensor(1, device="cpu")))
+        self.sigma_min = float(self._sigma(torch.tensor(epsilon_t, device="cpu")))
+        self.sigma_max = float(self._sigma(torch.tensor(1, device="cpu")))
 
     def sigma(self, t):
-        t = torch.as_tensor(t)
+        return self._sigma(torch.as_tensor(t))
+
+    def _sigma(self, t: torch.Tensor) -> torch.Tensor:
         return ((0.5 * self.beta_d * t**2 + self.beta_min * t).exp() - 1).sqrt()
 
     def sigma_inv(self, sigma):

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import weights_only_refusal
 from .edm_networks import build_edm_network
 from .file_util import atomic_write_text, sha256_file, temp_path_for
 
@@ -43,6 +44,10 @@ __all__ = [
 ]
 
 CONFIG_FORMAT = "edm-network-v1"
+# Attributes of EDM's network objects that samplers read, taken from the pickled state as EDM's
+# loader takes them (its objects are restored from their state, not rebuilt): VP's float32
+# sigma_min 0.0009765625, for one, where the exact value is 0.0010005.
+RECORDED_ATTRIBUTES = ("sigma_min", "sigma_max")
 
 
 class EDMPickleError(ValueError):
@@ -137,9 +142,15 @@ def _load_storage(data):
     """A storage saved as legacy torch.save bytes, read back with torch's weights-only loader."""
     if not isinstance(data, (bytes, bytearray)):
         raise EDMPickleError("a tensor storage that is not raw bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TypedStorage deprecation notices
-        storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage deprecation notices
+            storage = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's refusal ends in advice to load unsafely: keep only what it refused
+        raise EDMPickleError(
+            f"the bytes of a tensor hold something else ({weights_only_refusal(exc)}), "
+            "which could run code if it were loaded"
+        ) from None
     if not isinstance(storage, torch.storage.TypedStorage):
         raise EDMPickleError("a tensor storage entry holds something else")
     return storage
@@ -202,7 +213,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise EDMPickleError(
                 f"refusing to load {module}.{name}: an EDM network pickle holds only tensors, numbers "
-                "and network records, and running anything else could execute code from the file"
+                "and network records, and calling anything else could run code from the file"
             ) from None
 
     def persistent_load(self, pid):
@@ -234,19 +245,30 @@ def _finish(obj, seen=None):
 
 
 def load_edm_pickle(source):
-    """Unpickle an EDM ``.pkl`` (path or binary file) with ``RestrictedUnpickler``; nothing is executed."""
+    """Unpickle an EDM ``.pkl`` (path or binary file) with ``RestrictedUnpickler``; nothing is executed.
+
+    A refusal is one EDMPickleError line; for a path it names the file and what to do.
+    """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"EDM pickle {path} does not exist; download it or check the path")
-        with open(path, "rb") as f:
-            return load_edm_pickle(f)
+        try:
+            with open(path, "rb") as f:
+                return load_edm_pickle(f)
+        except EDMPickleError as exc:
+            raise EDMPickleError(
+                f"{path}: {exc}; nothing from it was run. Use the network pickle as EDM released it "
+                "(or the .safetensors that scripts/convert_edm_pkl.py writes from it)"
+            ) from None
     try:
         obj = RestrictedUnpickler(source).load()
     except EDMPickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError, KeyError, RuntimeError) as exc:
-        raise EDMPickleError(f"cannot read the file as an EDM pickle ({type(exc).__name__}: {exc})") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, IndexError, KeyError, RuntimeError,
+            ValueError) as exc:
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise EDMPickleError(f"cannot read the file as an EDM pickle ({type(exc).__name__}: {detail})") from None
     return _finish(obj)
 
 
@@ -313,14 +335,24 @@ def _network_from_config(config: dict, state_dict: dict, where: str) -> torch.nn
                 f"{where}: {name} has shape {tuple(tensor.shape)}, the network expects {tuple(expected[name].shape)}"
             )
     net.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()})
+    for name, value in (config.get("attributes") or {}).items():
+        # what EDM's object reports is its recorded state; iDDPM's range is read from its loaded u
+        if name in RECORDED_ATTRIBUTES and not isinstance(getattr(type(net), name, None), property):
+            setattr(net, name, value)
     return net.eval().requires_grad_(False)
 
 
 def _pickle_config(record: PersistentRecord) -> dict:
+    attributes = {
+        name: _plain(record.state[name], f"{record.class_name}.{name}")
+        for name in RECORDED_ATTRIBUTES
+        if isinstance(record.state.get(name), (int, float, np.number)) and not isinstance(record.state[name], bool)
+    }
     return {
         "format": CONFIG_FORMAT,
         "class_name": record.class_name,
         "init_kwargs": _plain(record.init_kwargs, record.class_name),
+        "attributes": attributes,
     }
 
 

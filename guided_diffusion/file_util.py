@@ -219,7 +219,8 @@ def acquire_lock(lock_file, what: str, hint: str = "wait for it to finish or cho
         except OSError as exc:
             if exc.errno in _FULL:
                 raise disk_full_error(lock_file) from None
-            raise UsageError(f"cannot write to {what} ({exc.strerror}); {hint}") from None
+            raise UsageError(f"cannot write to {what} ({exc.strerror}): cannot create its lock file "
+                             f"{lock_file.name}; choose a writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -241,7 +242,7 @@ def acquire_lock(lock_file, what: str, hint: str = "wait for it to finish or cho
             os.close(fd)
             continue
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "?"}
+                  "command": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"}
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
@@ -301,5 +302,9 @@ def lock_output_folder(folder, flag: str = "--output_dir") -> None:
     import atexit
 
     lock_file = folder_lock_file(folder)
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot write to output folder {folder} ({exc.strerror}); choose a writable {flag}") from None
     acquire_lock(lock_file, f"output folder {folder}", f"wait for it to finish or choose another {flag}")
     atexit.register(release_lock, lock_file)

@@ -521,7 +521,7 @@ def _configure_default_logger():
 
 def reset():
     """Close the configured logger and go back to the default one."""
-    if Logger.CURRENT is not Logger.DEFAULT:
+    if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
         Logger.CURRENT.close()
         Logger.CURRENT = Logger.DEFAULT
         log("Reset logger")

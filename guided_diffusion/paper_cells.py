@@ -26,7 +26,7 @@ VARIANTS = ("base", "es", "es-linear")
 def _error(template: str, *words: str) -> str:
     """Shell that prints one ``error:`` line to stderr and exits 2. ``words`` are shell words, quoted
     by the caller; they are printf's arguments, never its format, so a ``%`` in a path is harmless."""
-    line = shlex.quote("error: " + template + "\n")
+    line = shlex.quote("error: " + template + "\\n")  # printf's \n: every command stays one line
     return "{ printf " + " ".join([line, *words]) + " >&2; exit 2; }"
 
 
@@ -40,7 +40,7 @@ def _download(url: str | None, dest: Path, what: str) -> str:
     part, link = shlex.quote(str(dest) + ".part"), shlex.quote(url)
     by_hand = "; download it there yourself, then rerun"
     no_curl = _error("cannot download %s to %s: curl is not installed" + by_hand, link, target)
-    reason = "\"$(printf %s \"$why\" | tr -s '\\n' ' ')\""  # curl's own message, kept on the same line
+    reason = "\"$(printf '%s\\n' \"$why\" | tail -n 1)\""  # curl's last message (one per try)
     failed = _error("could not download %s to %s (%s)" + by_hand, link, target, reason)
     # The file appears only when complete (.part, then mv); a failure removes the partial file.
     return (f"[ -f {target} ] || {{ command -v curl >/dev/null 2>&1 || {no_curl}; "
@@ -98,3 +98,21 @@ def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1,
         f"--json {shlex.quote(str(out_dir / 'metrics.json'))}"
     )
     return commands
+
+
+def main(argv=None) -> None:
+    """scripts/paper_commands.py: print one cell's commands, one line of shell each (run it through
+    script_util.cli_main, which makes argparse's mistakes one line)."""
+    parser = argparse.ArgumentParser(prog="paper_commands.py",
+                            description="Print the shell commands for one cell of the ES paper's ADM table.")
+    parser.add_argument("config")
+    parser.add_argument("steps", type=int)
+    parser.add_argument("variant", choices=VARIANTS)
+    parser.add_argument("--num_gpus", type=int, default=1)
+    parser.add_argument("--work_dir", default="runs")
+    parser.add_argument("--num_samples", type=int, default=50000)
+    parser.add_argument("--batch_size", type=int, default=None)
+    args = parser.parse_args(argv)
+    for command in cell_commands(args.config, args.steps, args.variant, args.num_gpus, args.work_dir,
+                                 args.num_samples, args.batch_size):
+        print(command)

@@ -647,7 +647,7 @@ class AlignedNetwork:
         raise NonFiniteError(
             f"the network returned NaN or infinite values at network evaluation {self.calls} of batch "
             f"{_ranges(self.indices)}{level}, for {_images_text(bad)}; nothing of this batch was written: "
-            "check the checkpoint and the model flags"
+            "check the checkpoint and the flags"
         )
 
 

@@ -57,6 +57,24 @@ def check_size_flags(args) -> None:
             raise UsageError(f"--{name} must be at least 1, got {value}")
 
 
+def check_device(value: str, flag: str = "--device") -> None:
+    """Refuse a device this machine does not have (a typo, a GPU that is not there), in one line."""
+    if not value:
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown {flag} {value!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"{flag} {value}: no CUDA GPU is visible; use {flag} cpu")
+        if (device.index or 0) >= count:
+            raise UsageError(f"{flag} {value}: only {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise UsageError(f"{flag} {value}: use cpu, cuda or cuda:N")
+
+
 def check_noise_schedule(args) -> None:
     """Refuse a noise schedule whose betas reach 1 (alpha_bar 0: every sample NaN), before sampling."""
     from .gaussian_diffusion import get_named_beta_schedule

@@ -297,19 +297,24 @@ def latest_complete_checkpoint(folder, ema_rates=(), with_optimizer: bool = True
     return None
 
 
+def _unreadable(path, what, exc) -> UsageError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UsageError(f"{path} is not a readable {what} ({first[:160]})")
+
+
 def _load_tensors(path, what: str):
     """torch.load with tensors only, memory-mapped where the file allows (pages shared by the ranks)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
         if "mmap" not in str(exc):
-            raise UsageError(f"{path} is not a readable {what} ({str(exc).splitlines()[0][:160]})") from None
+            raise _unreadable(path, what, exc) from None
     except Exception as exc:  # whatever makes it unreadable, name the file
-        raise UsageError(f"{path} is not a readable {what} ({str(exc).splitlines()[0][:160]})") from None
+        raise _unreadable(path, what, exc) from None
     try:  # an old (non-zip) torch.save file cannot be mapped
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"{path} is not a readable {what} ({str(exc).splitlines()[0][:160]})") from None
+        raise _unreadable(path, what, exc) from None
 
 
 def master_param_shapes(model, use_fp16: bool) -> list[tuple]:
@@ -324,10 +329,14 @@ def master_param_shapes(model, use_fp16: bool) -> list[tuple]:
     return shapes
 
 
-def check_optimizer_state_fits(state, shapes, path, use_fp16: bool) -> None:
+def check_optimizer_state_fits(state, shapes, path) -> None:
     """Refuse (one line) an AdamW state_dict that does not belong to parameters of ``shapes``."""
-    if not (isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)):
-        raise UsageError(f"{path} is not an optimizer state (no 'state' and 'param_groups'); pass the model*.pt of a training run")
+    if not (
+        isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state.get("param_groups"), list)
+    ):
+        raise UsageError(
+            f"{path} is not an optimizer state (no 'state' and 'param_groups'); pass the model*.pt of a training run"
+        )
     groups = state["param_groups"]
     ids = [i for g in groups for i in g.get("params", [])]
     fp16_hint = ""
@@ -349,10 +358,12 @@ def check_optimizer_state_fits(state, shapes, path, use_fp16: bool) -> None:
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in entry:
                 raise UsageError(f"{path} is not an AdamW state (parameter {index} has no {key})")
-            if tuple(entry[key].shape) != tuple(shape):
+            saved_shape = tuple(getattr(entry[key], "shape", ()))
+            if saved_shape != tuple(shape):
                 raise UsageError(
                     f"{path} does not fit this model: parameter {index} has {key} of shape "
-                    f"{tuple(entry[key].shape)}, the model's is {tuple(shape)}; resume with the flags of the run that saved it"
+                    f"{saved_shape}, the model's is {tuple(shape)}; "
+                    "resume with the flags of the run that saved it"
                 )
 
 
@@ -548,15 +559,17 @@ class _TrainLoopBase:
         status = check_checkpoint_set(path, self.ema_rate)
         unusable = set(status.missing) | set(status.damaged)
         if name in status.damaged:
-            raise UsageError(f"cannot resume from {path}: the file is not as its save recorded (size or sha256 differ); "
-                             + self._complete_set_hint(status))
+            raise UsageError(
+                f"cannot resume from {path}: the file is not as its save recorded (size or sha256 differ); "
+                + self._complete_set_hint(status)
+            )
         if not status.complete:
             if not self.allow_incomplete_resume:
                 raise UsageError(
                     f"cannot resume from {path}: its checkpoint set is incomplete ({status.describe()}); "
                     + self._complete_set_hint(status) + f", or pass {ALLOW_INCOMPLETE_FLAG} to continue without them"
                 )
-            logger.warn(f"resuming from an incomplete checkpoint set ({status.describe()}): continuing without it")
+            logger.warn(f"resuming from an incomplete checkpoint set ({status.describe()}): continuing without them")
         step = parse_resume_step_from_filename(path)
         state_dict = load_state_dict(path, map_location="cpu")
         try:
@@ -588,7 +601,7 @@ class _TrainLoopBase:
         else:
             opt = self._read_optional(opt_path, "optimizer state")
             if opt is not None:
-                check_optimizer_state_fits(opt, master_param_shapes(self.model, self.use_fp16), opt_path, self.use_fp16)
+                check_optimizer_state_fits(opt, master_param_shapes(self.model, self.use_fp16), opt_path)
         logger.log(f"resuming at step {step} from {path}")
         return _ResumeState(path, step, True, state_dict, emas, opt)
 
@@ -635,7 +648,9 @@ class _TrainLoopBase:
 
     def run_loop(self):
         end = self.end_step()
-        progress = tqdm(total=end, initial=self.completed_steps, disable=self.rank != 0, unit="step", dynamic_ncols=True)
+        progress = tqdm(
+            total=end, initial=self.completed_steps, disable=self.rank != 0, unit="step", dynamic_ncols=True
+        )
         self._last_dump = (time.perf_counter(), self.completed_steps)
         while end is None or self.completed_steps < end:
             batch, cond = next(self.data)

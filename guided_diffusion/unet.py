@@ -254,13 +254,17 @@ def _sdpa_attention(qkv, n_heads, ch, per_head_qkv):
 
 
 def count_flops_attn(model, _x, y):
-    """A thop counter hook for the attention modules (``thop.profile(..., custom_ops={...})``).
+    """A thop counter hook for the attention modules (``thop.profile(..., custom_ops={QKVAttention:
+    QKVAttention.count_flops})``).
 
     thop does not see the two batched matrix products inside attention: q k^T and the weights
-    times v, each T*T*C multiply-adds per sample for an output ``y`` of shape [N x C x T] (C the
-    channels of all heads). They are added to ``model.total_ops`` as 2 * N * T^2 * C.
+    times v, each T*T*C multiply-adds per sample for an output of shape [N x C x T] (C the
+    channels of all heads). They are added to ``model.total_ops`` as 2 * N * T^2 * C. ``y`` is
+    the output, or a sequence whose first element is (ADM reads ``y[0]``; thop passes the tensor,
+    whose ``[0]`` would be one sample).
     """
-    batch, channels, *spatial = y[0].shape
+    out = y[0] if isinstance(y, (tuple, list)) else y
+    batch, channels, *spatial = out.shape
     tokens = math.prod(spatial)
     model.total_ops += torch.DoubleTensor([2 * batch * tokens**2 * channels])
 

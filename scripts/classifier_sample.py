@@ -7,9 +7,11 @@ Example:
 """
 
 import argparse
+import math
 
 from guided_diffusion import sampling
 from guided_diffusion.script_util import (
+    UsageError,
     add_dict_to_argparser,
     add_sampling_args,
     classifier_defaults,
@@ -38,6 +40,8 @@ def main():
     args, config, explicit = parse_args_with_config(create_argparser())
     if config and config.get("classifier_scale") is not None and "classifier_scale" not in explicit:
         args.classifier_scale = float(config["classifier_scale"])
+    if not math.isfinite(args.classifier_scale):
+        raise UsageError(f"--classifier_scale must be a finite number, got {args.classifier_scale}; ADM used 0.5 to 10")
     sampling.start(args)
     model, diffusion, model_sha = sampling.load_network(
         create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",

@@ -12,6 +12,7 @@ columns.
 """
 
 import argparse
+import math
 from pathlib import Path
 
 from guided_diffusion import sampling
@@ -23,8 +24,10 @@ from guided_diffusion.exposure_bias import (
     write_json,
     write_plot,
 )
+from guided_diffusion.file_util import lock_output_folder
 from guided_diffusion.lambda_search import calibrate_eps_scale
 from guided_diffusion.script_util import (
+    UsageError,
     add_dict_to_argparser,
     cli_main,
     create_model_and_diffusion,
@@ -54,7 +57,13 @@ def create_argparser():
 
 def main():
     args, config, _ = parse_args_with_config(create_argparser())
+    for flag in ("num_images", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    sampling.check_size_flags(args)
+    sampling.check_noise_schedule(args)
     folder = output_folder(args.output_dir, "exposure_bias")
+    lock_output_folder(folder)  # one writer per folder; a second run is refused in one line
     images, labels = load_images(args.data_dir, args.image_size, args.num_images, args.seed,
                                  with_labels=args.class_cond)
     model, diffusion, sha = sampling.load_network(
@@ -71,6 +80,13 @@ def main():
     if calibration:
         runs.append(calibration.run)
 
+    for run in runs:  # a NaN measurement would be written as null: refuse it, write nothing
+        summary = run.summary()
+        if not all(math.isfinite(summary[k]) for k in ("mean_delta", "last_delta", "sample_std")):
+            raise UsageError(
+                f"the {run.label} run ({run.eps_scale}) gave NaN or infinite values; nothing was written: check "
+                "the checkpoint, the noise schedule and --eps_scale"
+            )
     settings = dict(vars(args), model_sha256=sha, eps_scale=str(schedule), eps_scale_source=source,
                     num_steps=diffusion.num_timesteps, num_images=len(images))
     record = {"settings": settings, "runs": runs_to_dict(runs)}

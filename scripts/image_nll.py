@@ -18,6 +18,7 @@ from guided_diffusion import dist_util, logger, sampling
 from guided_diffusion.file_util import atomic_write_text
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import (
+    UsageError,
     add_dict_to_argparser,
     cli_main,
     create_model_and_diffusion,
@@ -60,6 +61,11 @@ def main():
                 gathered = [torch.zeros_like(value) for _ in range(world)]
                 dist.all_gather(gathered, value)
                 value = torch.cat(gathered)
+            if not bool(torch.isfinite(value).all()):
+                raise UsageError(
+                    f"{key} came out NaN or infinite for images {seen} to {seen + len(value) - 1}; nothing was "
+                    "written: check the checkpoint, the noise schedule and the model flags"
+                )
             per_image[key].extend(value.cpu().tolist())
         seen += args.batch_size * world
         logger.log(f"done {seen} samples: bpd={np.mean(per_image['total_bpd']):.4f}")

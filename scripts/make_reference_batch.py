@@ -10,6 +10,7 @@ import argparse
 
 from evaluations.cli import add_inception_arguments, open_inception
 from evaluations.reference_batch import plan_reference_batch, write_reference_batch
+from guided_diffusion.sampling import check_device
 from guided_diffusion.script_util import cli_main
 
 
@@ -22,6 +23,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subset")
     add_inception_arguments(parser)
     args = parser.parse_args(argv)
+    check_device(args.device)
     plan = plan_reference_batch(args.source, args.output, args.image_size, args.num_images, args.seed)
     model, graph_record = open_inception(args)
     try:

@@ -9,6 +9,7 @@ temporary name and renamed when complete, so an interrupted run leaves no partia
 """
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from evaluations.npz_stream import NpzImages
-from guided_diffusion.file_util import temp_path_for
+from guided_diffusion.file_util import is_temp_name, locked, temp_path_for, writing
 from guided_diffusion.script_util import UsageError, cli_main
 
 LABELS_MEMBER = "arr_1.npy"
@@ -31,7 +32,11 @@ def read_labels(path: Path, count: int):
     with zipfile.ZipFile(path) as archive:
         if LABELS_MEMBER not in archive.namelist():
             return None
-    labels = np.load(path)["arr_1"]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            labels = data["arr_1"]
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise UsageError(f"{path}: cannot read arr_1 (the labels): {exc}; the file is damaged") from None
     if labels.shape != (count,) or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{path}: arr_1 should hold {count} integer labels, found {labels.dtype} {labels.shape}")
     return [int(v) for v in labels]
@@ -50,23 +55,39 @@ def main(argv=None):
         labels = read_labels(Path(args.batch), len(images))
         width = max(6, len(str(len(images) - 1)))
         names = [f"{i:0{width}d}.png" for i in range(len(images))]
-        partial = temp_path_for(out)
-        shutil.rmtree(partial, ignore_errors=True)  # left by a killed run of the same pid
-        partial.mkdir(parents=True)
         try:
-            done = 0
-            with tqdm(total=len(images), unit="img", desc="writing PNGs", disable=not args.progress) as bar:
-                for batch in images.batches(256):
-                    for image in batch:
-                        Image.fromarray(image).save(partial / names[done])
-                        done += 1
-                    bar.update(len(batch))
-            if labels is not None:
-                (partial / "dataset.json").write_text(json.dumps({"labels": [list(p) for p in zip(names, labels)]}))
-            os.replace(partial, out)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create {out.parent} ({exc.strerror}); give an output folder in a writable place") from None
+        # One writer per output folder; holding the lock, partial folders of killed runs are ours to sweep.
+        lock = out.parent / f".{out.name}.lock"
+        with locked(lock, f"output folder {out}", "wait for it to finish or give another output folder"):
+            if out.exists():
+                raise UsageError(f"{out} already exists; give a new folder (the images are never written over)")
+            for stale in out.parent.glob(f"{glob.escape(out.name)}.tmp*"):
+                if stale.name[len(out.name):].startswith(".tmp") and is_temp_name(stale.name) and stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+            partial = temp_path_for(out)
+            try:
+                with writing(out):
+                    partial.mkdir()
+                    done = 0
+                    with tqdm(total=len(images), unit="img", desc="writing PNGs", disable=not args.progress) as bar:
+                        for batch in images.batches(256):
+                            for image in batch:
+                                Image.fromarray(image).save(partial / names[done])
+                                done += 1
+                            bar.update(len(batch))
+                    if labels is not None:
+                        listing = json.dumps({"labels": [list(p) for p in zip(names, labels)]})
+                        (partial / "dataset.json").write_text(listing)
+                    os.replace(partial, out)
+            except zipfile.BadZipFile as exc:  # a damaged member (CRC) found while reading it
+                shutil.rmtree(partial, ignore_errors=True)
+                raise UsageError(f"{args.batch} is damaged ({exc}); nothing was written") from None
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
     print(f"wrote {len(names)} PNG files to {out}" + (" with dataset.json (labels)" if labels is not None else ""))
 
 

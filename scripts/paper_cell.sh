@@ -3,25 +3,33 @@
 #   scripts/paper_cell.sh CONFIG STEPS {base|es|es-linear} [NUM_GPUS] [--dry-run]
 # e.g. scripts/paper_cell.sh cifar10_uncond_admes 100 es 8      (FID 2.17 in the paper)
 #      scripts/paper_cell.sh imagenet64_cond 20 base 4 --dry-run
-# WORK_DIR (default runs/) holds checkpoints, reference batches and samples.
+# WORK_DIR holds checkpoints, reference batches and samples: by default runs/ in the checkout; a
+# relative WORK_DIR is taken from the folder you run this from. Any folder name works (spaces,
+# quotes). Each command is shown on stdout ("+ ...") before it runs; a failure (a missing download
+# when offline, a wrong argument) ends in one "error: ..." line on stderr and exit status 2.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+usage="scripts/paper_cell.sh CONFIG STEPS {base|es|es-linear} [NUM_GPUS] [--dry-run]"
 dry_run=0
 args=()
 for a in "$@"; do
   if [ "$a" = "--dry-run" ]; then dry_run=1; else args+=("$a"); fi
 done
-if [ "${#args[@]}" -lt 3 ]; then
-  echo "usage: $0 CONFIG STEPS {base|es|es-linear} [NUM_GPUS] [--dry-run]" >&2
+if [ "${#args[@]}" -lt 3 ] || [ "${#args[@]}" -gt 4 ]; then
+  echo "error: expected CONFIG STEPS VARIANT [NUM_GPUS], got ${#args[@]} arguments (usage: $usage)" >&2
   exit 2
 fi
+work_dir=${WORK_DIR:-}
+if [ -n "$work_dir" ] && [ "${work_dir#/}" = "$work_dir" ]; then
+  work_dir="$PWD/$work_dir"
+fi
+cd "$(dirname "$0")/.."
 commands=$(python scripts/paper_commands.py "${args[0]}" "${args[1]}" "${args[2]}" \
-  --num_gpus "${args[3]:-1}" --work_dir "${WORK_DIR:-runs}")
+  --num_gpus "${args[3]:-1}" --work_dir "${work_dir:-runs}")
 if [ "$dry_run" = 1 ]; then
   printf '%s\n' "$commands"
   exit 0
 fi
 while IFS= read -r command; do
-  echo "+ $command" >&2
+  printf '+ %s\n' "$command"
   bash -c "$command" </dev/null  # mpirun reads stdin: it must not take the remaining commands
 done <<< "$commands"

@@ -23,7 +23,7 @@ from pathlib import Path
 from guided_diffusion import sampling
 from guided_diffusion.eps_scaling import EpsScale
 from guided_diffusion.exposure_bias import load_images, write_json
-from guided_diffusion.file_util import sha256_file
+from guided_diffusion.file_util import lock_output_folder, sha256_file
 from guided_diffusion.lambda_search import (
     EVALUATOR_METRICS,
     EvaluationCache,
@@ -85,6 +85,12 @@ def check_args(args):
         raise UsageError(f"--metric {args.metric} compares with data images; pass --data_dir (a folder, an .npz or digits)")
     if args.metric not in DATA_METRICS and not args.ref_batch:
         raise UsageError(f"--metric {args.metric} needs ADM's reference batch; pass --ref_batch REF.npz")
+    sampling.check_device(args.device)
+    for flag in ("num_images", "num_samples", "batch_size", "grid", "rounds"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    sampling.check_size_flags(args)
+    sampling.check_noise_schedule(args)
     if args.ref_batch and not Path(args.ref_batch).is_file():
         raise FileNotFoundError(f"reference batch {args.ref_batch} does not exist; check --ref_batch")
 
@@ -120,6 +126,7 @@ def main():
     seeds = parse_numbers(args.seeds, "seeds", int)
     b_range = parse_numbers(args.b_range, "b_range", count=2)
     folder = output_folder(args.output_dir, "eps_scale_search")
+    lock_output_folder(folder)  # one writer per folder; a second run is refused in one line
     data_images = data_labels = None
     if args.data_dir:
         data_images, data_labels = load_images(args.data_dir, args.image_size, args.num_images, seed=0,

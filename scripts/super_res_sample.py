@@ -7,6 +7,8 @@ when the model is class-conditional. Example:
 """
 
 import argparse
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from guided_diffusion import dist_util, sampling
 from guided_diffusion.file_util import sha256_file
 from guided_diffusion.sample_io import dequantize
 from guided_diffusion.script_util import (
+    NUM_CLASSES,
     UsageError,
     add_dict_to_argparser,
     add_sampling_args,
@@ -36,33 +39,54 @@ def create_argparser():
     return parser
 
 
-def load_base_samples(path, small_size, class_cond):
-    """The base images (memory-mapped NPZ member) and labels, checked against the model's input size."""
+def load_base_samples(path, small_size, class_cond, num_classes=None):
+    """The base images and labels, checked against the model's input size and classes.
+
+    Every problem of the file (missing, empty, cut short, not an NPZ, wrong shape, labels out of
+    range) is one UsageError line before anything is sampled.
+    """
     if not path:
         raise UsageError("--base_samples is required: an NPZ of low-resolution samples (arr_0, NHWC uint8)")
+    if not Path(path).is_file():
+        raise UsageError(f"--base_samples {path} does not exist (or is not a file); pass an NPZ from image_sample.py")
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read --base_samples {path}: {exc}") from None
-    if "arr_0" not in data:
-        raise UsageError(f"--base_samples {path} has no arr_0 (the images); pass an NPZ from image_sample.py")
-    images = data["arr_0"]
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise UsageError(f"--base_samples {path} is a single .npy array, not an NPZ; pass an NPZ from image_sample.py")
+            if "arr_0" not in data.files:
+                raise UsageError(f"--base_samples {path} has no arr_0 (the images); pass an NPZ from image_sample.py")
+            images = data["arr_0"]
+            labels = data["arr_1"] if class_cond and "arr_1" in data.files else None
+    except UsageError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot read --base_samples {path} ({reason}): an empty, cut-short or non-NPZ file") from None
     if images.ndim != 4 or images.shape[1:] != (small_size, small_size, 3) or images.dtype != np.uint8:
         raise UsageError(
             f"--base_samples {path} holds {images.dtype} images of shape {images.shape[1:]}; this upsampler "
             f"needs uint8 {small_size}x{small_size}x3 (set --small_size or pass other samples)"
         )
-    labels = None
+    if len(images) == 0:
+        raise UsageError(f"--base_samples {path} holds no images")
     if class_cond:
-        if "arr_1" not in data:
+        if labels is None:
             raise UsageError(f"--base_samples {path} has no arr_1 labels, which a class-conditional upsampler needs")
-        labels = data["arr_1"]
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise UsageError(f"--base_samples {path}: arr_1 should hold {len(images)} integer labels, "
+                             f"found {labels.dtype} {labels.shape}")
+        if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise UsageError(f"--base_samples {path} has labels from {labels.min()} to {labels.max()}; this "
+                             f"upsampler knows classes 0..{num_classes - 1} (--num_classes {num_classes})")
+        labels = labels.astype(np.int64)
     return images, labels
 
 
 def main():
     args, config, _ = parse_args_with_config(create_argparser())
-    images, labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
+    sampling.check_size_flags(args)
+    images, labels = load_base_samples(args.base_samples, args.small_size, args.class_cond,
+                                       getattr(args, "num_classes", NUM_CLASSES))
     sampling.start(args)
     model, diffusion, sha = sampling.load_network(
         sr_create_model_and_diffusion, args, sr_model_and_diffusion_defaults().keys(), args.model_path, "model",

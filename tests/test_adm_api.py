@@ -32,8 +32,6 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-ADM_COMMIT = "22e0df8"
-
 ADM = {
     'dist_util': {
         'GPUS_PER_NODE': '= 8',
@@ -363,7 +361,8 @@ def _adm_parameters(spec: str) -> list[inspect.Parameter]:
     positional = args.posonlyargs + args.args
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
     for i, (arg, default) in enumerate(zip(positional, defaults)):
-        kind = inspect.Parameter.POSITIONAL_ONLY if i < len(args.posonlyargs) else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        positional_only = i < len(args.posonlyargs)
+        kind = inspect.Parameter.POSITIONAL_ONLY if positional_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
         params.append(inspect.Parameter(arg.arg, kind, default=_value(default)))
     if args.vararg:
         params.append(inspect.Parameter(args.vararg.arg, inspect.Parameter.VAR_POSITIONAL))

@@ -129,3 +129,74 @@ def test_matching_checkpoint_loads_exactly_and_reports_its_hash(tmp_path):
     target = _tiny_unet()
     assert load_model_weights(target, path, image_size=8) == sha256_file(path)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged and hostile files: one UsageError line each, never a traceback or a loaded garbage model
+
+
+def _saved(tmp_path, name="model.pt"):
+    path = tmp_path / name
+    torch.save(_tiny_unet().state_dict(), path)
+    return path
+
+
+def _one_line(path, match):
+    with pytest.raises(UsageError) as info:
+        load_state_dict(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert match in str(info.value), str(info.value)
+
+
+def test_nan_or_infinite_weights_are_refused_at_load(tmp_path):
+    sd = _tiny_unet().state_dict()
+    sd["out.2.weight"][0, 0, 0, 0] = float("nan")
+    sd["input_blocks.0.0.bias"][1] = float("inf")
+    torch.save(sd, tmp_path / "diverged.pt")
+    _one_line(tmp_path / "diverged.pt", "NaN or infinite weights in 2 tensors (first input_blocks.0.0.bias)")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.tensor([1.0, float("-inf")])}, tmp_path / "diverged.safetensors")
+    _one_line(tmp_path / "diverged.safetensors", "NaN or infinite weights in 1 tensor (first w)")
+
+
+def test_empty_and_truncated_checkpoints_are_one_line(tmp_path):
+    raw = _saved(tmp_path).read_bytes()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    _one_line(tmp_path / "empty.pt", "is empty (0 bytes)")
+    for cut in (10, len(raw) // 2, len(raw) - 20):
+        (tmp_path / "cut.pt").write_bytes(raw[:cut])
+        _one_line(tmp_path / "cut.pt", "not a readable PyTorch checkpoint")
+    torch.save({"a": torch.ones(100)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    legacy = (tmp_path / "legacy.pt").read_bytes()
+    (tmp_path / "legacy.pt").write_bytes(legacy[: len(legacy) // 2])
+    _one_line(tmp_path / "legacy.pt", "not a readable PyTorch checkpoint")
+
+
+def test_empty_and_truncated_safetensors_are_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(100)}, tmp_path / "m.safetensors")
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-50])
+    _one_line(tmp_path / "cut.safetensors", "not a readable safetensors file")
+    (tmp_path / "zero.safetensors").write_bytes(b"")
+    _one_line(tmp_path / "zero.safetensors", "not a readable safetensors file")
+    save_file({}, tmp_path / "none.safetensors")
+    _one_line(tmp_path / "none.safetensors", "empty state_dict")
+
+
+def test_deeply_nested_pickles_are_one_line(tmp_path):
+    import io
+    import zipfile
+
+    deep = b"\x80\x02" + b"]" * 100000 + b"a" * 99999 + b"."  # 100,000 nested lists
+    (tmp_path / "raw.pt").write_bytes(deep)
+    _one_line(tmp_path / "raw.pt", "not a readable PyTorch checkpoint")
+    buffer = io.BytesIO()
+    torch.save({"a": torch.ones(1)}, buffer)
+    source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    with zipfile.ZipFile(tmp_path / "deep.pt", "w") as target:
+        for info in source.infolist():
+            target.writestr(info, deep if info.filename.endswith("data.pkl") else source.read(info.filename))
+    _one_line(tmp_path / "deep.pt", "holds a list, not a state_dict")

@@ -1,5 +1,8 @@
 """Every shipped config builds the network of its released checkpoint, key for key, shape for shape."""
 
+import argparse
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -122,7 +125,13 @@ def test_typed_flags_win_over_the_config_even_abbreviated_or_aliased():
         parser, ["--config", "imagenet64_cond", "--num_sample", "7", "--timestep_resp=20", "--eps_scaler", "1.01"])
     # the config's sample_flags say num_samples 100, timestep_respacing 250, batch_size 4
     assert (args.num_samples, args.timestep_respacing, args.batch_size) == (7, "20", 4)
-    assert {"num_samples", "timestep_respacing", "eps_scale", "config"} <= typed and "batch_size" not in typed
+    assert {"num_samples", "timestep_respacing", "eps_scaler", "config"} <= typed and "batch_size" not in typed
+    # with the model flags' ADM-ES key, --eps_scaler is ADM-ES's number; it decides lambda over the config
+    assert args.eps_scaler == 1.01 and su.eps_scale_flag(args) == "1.01"
+    plain = su.argparse.ArgumentParser()
+    su.add_sampling_args(plain)  # no model flags (the diffusers script): --eps_scaler is --eps_scale's alias
+    args, _, typed = su.parse_args_with_config(plain, ["--eps_scaler", "linear:k=0.001,b=1.0"])
+    assert args.eps_scale == "linear:k=0.001,b=1.0" and "eps_scale" in typed
 
 
 def test_unknown_config_is_one_clear_error():
@@ -139,3 +148,19 @@ def test_bad_yaml_is_one_clear_error(tmp_path):
     no_flags.write_text("name: x\n")
     with pytest.raises(UsageError, match="no 'flags' mapping"):
         su.load_config(str(no_flags))
+
+
+def test_configs_and_shipped_weights_are_package_data():
+    package = Path(su.__file__).resolve().parent
+    assert su.CONFIG_DIR == package / "configs" and (su.CONFIG_DIR / "README.md").is_file()
+    parser = argparse.ArgumentParser()
+    su.add_dict_to_argparser(parser, dict(model_path=""))
+    su.add_sampling_args(parser)
+    for name in ("digits_uncond", "digits_cond"):
+        args, config, _ = su.parse_args_with_config(parser, ["--config", name])
+        assert Path(args.model_path) == package / "assets" / f"{name}.safetensors"
+        assert Path(args.model_path).is_file()
+    classifier = su.load_config("digits_classifier")
+    assert (package / classifier["checkpoint_path"]).is_file()
+    args, _, _ = su.parse_args_with_config(parser, ["--config", "digits_uncond", "--model_path", "mine.pt"])
+    assert args.model_path == "mine.pt"

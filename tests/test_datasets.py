@@ -1,6 +1,7 @@
 """Training data: the built-in digits against scikit-learn, ADM's image folders, crops, resumable order."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -161,6 +162,21 @@ def test_folder_files_are_sharded_and_sorted(tmp_path):
     assert arr.shape == (3, 8, 8) and arr.dtype == np.float32
     np.testing.assert_allclose(arr, 20 / 127.5 - 1, atol=1e-6)
     assert out["y"] == 0
+
+
+def test_files_are_listed_in_adms_order(tmp_path):
+    # ADM walks each folder's entries in sorted name order and lists a sub-folder where its name
+    # sorts, so "b/" comes before "b.png" ("b" < "b.png"); extensions in any case, others skipped
+    for rel in ["b.png", "b/c.png", "b/a/z.JPEG", "a.gif", "B.Jpg", "c/d.jpeg"]:
+        _write_png(tmp_path / rel, 0)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "README").write_text("x")
+    (tmp_path / "empty").mkdir()
+    expected = ["B.Jpg", "a.gif", "b/a/z.JPEG", "b/c.png", "b.png", "c/d.jpeg"]
+    found = image_datasets._list_image_files_recursively(str(tmp_path))
+    assert [os.path.relpath(p, tmp_path) for p in found] == expected
+    assert image_datasets.list_image_files_recursively(str(tmp_path)) == found
+    assert image_datasets._list_image_files_recursively(str(tmp_path / "empty")) == []  # ADM: no error here
 
 
 def test_folder_images_are_flipped_by_default(tmp_path):

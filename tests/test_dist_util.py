@@ -1,5 +1,7 @@
 """dist_util: the launcher's environment read right, and CPU ranks that do not oversubscribe the cores."""
 
+import os
+
 import pytest
 import torch
 
@@ -71,3 +73,51 @@ def test_only_rank_zero_prints_a_user_error(monkeypatch, capsys, env, printed):
         cli_main(main)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("error: --thing is wrong\n" if printed else "")
+
+
+def test_a_launcher_without_local_rank_falls_back_to_adms_gpus_per_node(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "OMPI_COMM_WORLD_LOCAL_RANK", "PMIX_RANK", "PMIX_SIZE", "MPI_LOCALRANKID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PMI_RANK", "13")
+    monkeypatch.setenv("PMI_SIZE", "16")
+    assert dist_util.GPUS_PER_NODE == 8 and dist_util.SETUP_RETRY_COUNT == 3  # ADM's values
+    assert dist_util._launcher_env() == (13, 16, 5)  # ADM: the GPU of a rank is rank % GPUS_PER_NODE
+    monkeypatch.setattr(dist_util, "GPUS_PER_NODE", 4)  # ADM-ES's clusters
+    assert dist_util._launcher_env() == (13, 16, 1)
+    monkeypatch.setenv("MPI_LOCALRANKID", "2")  # a local rank from the launcher wins
+    assert dist_util._launcher_env() == (13, 16, 2)
+
+
+def test_find_free_port_gives_a_bindable_port():
+    import socket
+
+    port = dist_util._find_free_port()
+    assert 0 < port < 65536
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("failures,retries,succeeds", [(2, 3, True), (3, 3, False), (1, 1, False)])
+def test_single_process_setup_retries_a_taken_port(monkeypatch, failures, retries, succeeds):
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+                 "PMIX_RANK", "PMIX_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist_util.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist_util, "SETUP_RETRY_COUNT", retries)
+    calls = []
+
+    def init_process_group(backend, rank, world_size):
+        calls.append((backend, rank, world_size, os.environ["MASTER_PORT"]))
+        if len(calls) <= failures:
+            raise RuntimeError("address already in use")
+
+    monkeypatch.setattr(dist_util.dist, "init_process_group", init_process_group)
+    if succeeds:
+        dist_util.setup_dist()
+    else:
+        with pytest.raises(RuntimeError, match="address already in use"):
+            dist_util.setup_dist()
+    assert len(calls) == (failures + 1 if succeeds else retries)
+    assert all(c[:3] == ("gloo", 0, 1) for c in calls)

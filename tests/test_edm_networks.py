@@ -187,8 +187,6 @@ def preconditioned(class_name, **kw):
         net = en.build_edm_network(class_name, tiny_song(**kw) if class_name in ("VPPrecond", "VEPrecond")
                                    else tiny_adm(**kw))
     net.model = StubModel(6 if class_name == "iDDPMPrecond" else 3)
-    if class_name == "iDDPMPrecond":
-        net.u = torch.tensor(en.iddpm_sigma_levels(net.M, net.C_1, net.C_2), dtype=torch.float32)
     return net
 
 
@@ -213,8 +211,19 @@ def test_vp_preconditioning():
     # sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), inverted by solving the quadratic for t
     t = (-0.1 + np.sqrt(0.1**2 + 2 * 19.9 * np.log1p(s**2))) / 19.9
     check(net, 1.0, -s, 1 / np.sqrt(s**2 + 1), 999 * t)
-    assert net.sigma_min == pytest.approx(math.sqrt(math.expm1(0.5 * 19.9 * 1e-10 + 0.1 * 1e-5)))
-    assert net.sigma_max == pytest.approx(math.sqrt(math.expm1(0.5 * 19.9 + 0.1)))
+    # EDM evaluates sigma(epsilon_t) and sigma(1) in float32: exp(1e-6) - 1 keeps 2^-20 of the
+    # exact 1.000995e-6, so sigma_min is 2^-10 = 0.0009765625, not 0.0010005 (expected.pt agrees)
+    exact_min = math.sqrt(math.expm1(0.5 * 19.9 * 1e-10 + 0.1 * 1e-5))
+    f32 = np.float32
+
+    def float32_sigma(t):  # every operation rounded to float32 (exp correctly rounded)
+        t = f32(t)
+        exponent = f32(f32(0.5 * 19.9) * f32(t * t) + f32(f32(0.1) * t))
+        return float(np.sqrt(f32(f32(math.exp(float(exponent))) - f32(1))))
+
+    assert net.sigma_min == float32_sigma(1e-5) == 2.0**-10 and abs(net.sigma_min - exact_min) > 2e-5
+    assert net.sigma_max == float32_sigma(1.0)
+    assert net.sigma_max == pytest.approx(math.sqrt(math.expm1(0.5 * 19.9 + 0.1)), rel=1e-6)
 
 
 def test_ve_and_edm_preconditioning():
@@ -232,11 +241,49 @@ def test_iddpm_preconditioning_and_levels():
     s = SIGMAS.double().numpy()
     check(net, 1.0, -s, 1 / np.sqrt(s**2 + 1), 999 - index)
     torch.testing.assert_close(net.round_sigma(SIGMAS), torch.as_tensor(u[index], dtype=torch.float32))
-    # u_j = sqrt(abar(M) / abar(j) - 1) for j >= 1 (the C_1 clip acts only at j = 1)
+    # u_j = sqrt(abar(M) / abar(j) - 1) for j >= 1 (the C_1 clip acts only at j = 1). EDM takes
+    # abar in float32, so 1 + u_j^2 = abar(M) / abar(j) carries float32's relative error (~1e-6
+    # after 1000 steps); u itself loses more where it is small (u^2 << 1)
     abar = lambda j: math.sin(0.5 * math.pi * j / 1000 / 1.008) ** 2  # noqa: E731
-    levels = en.iddpm_sigma_levels()
-    np.testing.assert_allclose(levels[1:], [math.sqrt(abar(1000) / abar(j) - 1) for j in range(1, 1001)],
-                               rtol=1e-9, atol=1e-12)
+    closed = np.array([math.sqrt(abar(1000) / abar(j) - 1) for j in range(1, 1001)])
+    for dtype in (torch.float64, torch.float32):
+        levels = en.iddpm_sigma_levels(dtype=dtype)
+        assert levels.dtype == dtype and len(levels) == 1001 and float(levels[-1]) == 0.0
+        np.testing.assert_allclose(1 + levels[1:].double().numpy() ** 2, 1 + closed**2, rtol=3e-6)
+    assert net.sigma_min == float(net.u[999]) and net.sigma_max == float(net.u[0])
+
+
+# Values printed by EDM's own code (NVlabs/edm 008a4e5, training/networks.py iDDPMPrecond with
+# its defaults, on the CPU): entries 0, 1, 500, 998, 999 of the float32 buffer u.
+EDM_IDDPM_U = ["0x1.3d0cb00000000p+14", "0x1.40d4ca0000000p+9", "0x1.032bf40000000p+0",
+               "0x1.324e9a0000000p-7", "0x1.a4e4f00000000p-8"]
+
+
+def test_iddpm_levels_are_edms_float32_buffer_and_range_follows_the_loaded_buffer():
+    net = en.build_edm_network("iDDPMPrecond", tiny_adm())
+    assert [float(net.u[i]).hex() for i in (0, 1, 500, 998, 999)] == EDM_IDDPM_U
+    assert net.sigma_min == float.fromhex(EDM_IDDPM_U[-1]) and net.sigma_max == float.fromhex(EDM_IDDPM_U[0])
+    # the range is read from the buffer: a network loaded with other levels reports those
+    state = net.state_dict()
+    state["u"] = state["u"] * 2
+    net.load_state_dict(state)
+    assert net.sigma_min == 2 * float.fromhex(EDM_IDDPM_U[-1]) and net.sigma_max == 2 * float.fromhex(EDM_IDDPM_U[0])
+
+
+def test_iddpm_rounding_measures_distance_as_edm():
+    """EDM picks the nearest level with torch.cdist, which for 1001 levels computes distances as
+    sqrt(a^2 + b^2 - 2ab): near the midpoint of two levels that can pick the farther one. The
+    network's choice is that one (c_noise and round_sigma alike), not the exact nearest."""
+    net = en.build_edm_network("iDDPMPrecond", tiny_adm())
+    u = net.u
+    queries = torch.exp(torch.linspace(math.log(0.01), math.log(150), 50001)).to(torch.float32)
+    cdist = torch.cdist(queries.reshape(1, -1, 1), u.reshape(1, -1, 1)).argmin(2).flatten()
+    exact = (queries.double()[:, None] - u.double()[None]).abs().argmin(1)
+    assert (cdist != exact).any()  # the two rules disagree somewhere in this range ...
+    torch.testing.assert_close(net.round_sigma(queries), u[cdist], rtol=0, atol=0)  # ... and EDM's is used
+    net.model = StubModel(6)
+    net(torch.zeros(len(queries[:64]), 3, 2, 2), queries[:64])
+    assert torch.equal(net.model.seen[1], (999 - cdist[:64]).to(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------

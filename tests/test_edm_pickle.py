@@ -174,12 +174,25 @@ class _EvilStorage:
         return torch.storage._load_from_bytes, (pickle.dumps(_Payload(self.marker)),)
 
 
-def test_payload_inside_storage_bytes_is_refused(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_payload_inside_storage_bytes_is_refused_in_one_line(tmp_path, protocol):
+    """Code where a tensor's bytes belong: refused by torch's weights-only reader, reported in one
+    line naming the file, without torch's advice to retry with weights_only=False."""
     marker = tmp_path / "payload-ran"
-    blob = pickle.dumps({"ema": _EvilStorage(marker)}, protocol=4)
-    with pytest.raises(EDMPickleError):
+    blob = pickle.dumps({"ema": _EvilStorage(marker)}, protocol=protocol)
+    with pytest.raises(EDMPickleError, match="the bytes of a tensor hold something else"):
         load_edm_pickle(io.BytesIO(blob))
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(blob)
+    with pytest.raises(EDMPickleError) as refused:
+        load_edm_network(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: the bytes of a tensor hold something else") and "\n" not in message
+    assert "weights_only" not in message and "nothing from it was run" in message
     assert not marker.exists()
+    r = run("convert_edm_pkl.py", str(path))
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {path}: ") and len(r.stderr.splitlines()) == 1
+    assert "weights_only" not in r.stderr and not marker.exists() and not path.with_suffix(".safetensors").exists()
 
 
 def test_unknown_containers_and_garbage_are_refused(tmp_path):
@@ -248,7 +261,8 @@ def test_convert_script(persistence_module, tmp_path):
     marker = tmp_path / "payload-ran"
     evil = write_edm_pickle(tmp_path / "evil.pkl", net, kwargs, extra={"augment_pipe": _Payload(marker)})
     r = run("convert_edm_pkl.py", str(evil))
-    assert r.returncode == 2 and r.stderr.startswith("error: refusing to load") and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {evil}: refusing to load posix.system")
+    assert len(r.stderr.splitlines()) == 1 and "EDM released" in r.stderr
     assert not marker.exists() and not (tmp_path / "evil.safetensors").exists()
 
 
@@ -294,3 +308,18 @@ def test_edm_sample_script_uses_the_papers_lambda(persistence_module, tmp_path):
     assert sidecar["eps_scale"] == "1.0051"  # the ES paper, cond CIFAR-10, Euler at 13 steps
     r = run("edm_sample.py", *common, "--num_steps", "5", "--eps_scale", "paper", "--output_dir", str(tmp_path / "b"))
     assert r.returncode == 2 and "no published" in r.stderr and "13, 21, 35" in r.stderr
+
+
+def test_checkpoint_with_code_is_refused_without_the_unsafe_advice(tmp_path):
+    """checkpoints.load_state_dict shares the refusal text: what torch refused, never its advice."""
+    from guided_diffusion.checkpoints import load_state_dict
+    from guided_diffusion.errors import UsageError
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2), "x": _Payload(marker)}, path)
+    with pytest.raises(UsageError) as refused:
+        load_state_dict(path)
+    message = str(refused.value)
+    assert "\n" not in message and "weights_only" not in message and "posix.system" in message
+    assert not marker.exists()

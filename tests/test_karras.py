@@ -172,8 +172,33 @@ def test_sigma_discretizations_against_closed_forms():
     u = [math.sqrt(abar(1000) / abar(j) - 1) for j in range(1, 1001)]
     u = [math.sqrt((u[0] ** 2 + 1) / 0.001 - 1)] + u  # u_0: abar(0) = 0, the ratio is clipped to C_1
     inside = [v for v in u if 0.002 <= v <= 81]
-    picks = [inside[round((len(inside) - 1) / 5 * k)] for k in range(6)]
-    np.testing.assert_allclose(iddpm_sigmas(6).numpy(), picks, rtol=1e-10)
+    picks = np.array([inside[round((len(inside) - 1) / 5 * k)] for k in range(6)])
+    # EDM evaluates abar in float32: 1 + sigma^2 carries float32's relative error (~1e-6)
+    np.testing.assert_allclose(1 + iddpm_sigmas(6).numpy() ** 2, 1 + picks**2, rtol=3e-6)
+
+
+# The noise levels EDM's ablation_sampler (generate.py, NVlabs/edm 008a4e5, --disc iddpm, 6 steps,
+# CPU) evaluates an iDDPMPrecond with its defaults at, printed by EDM's code. The lowest is the
+# network's u_999 (its sigma_min): with the levels computed as exactly as possible instead,
+# u_999 falls below the network's float32 u_999 and the range test drops it.
+EDM_IDDPM_6 = {
+    (None, None): ["0x1.40d09a0000000p+6", "0x1.80e8b80000000p+1", "0x1.5f63c80000000p+0",
+                   "0x1.761ada0000000p-1", "0x1.5601740000000p-2", "0x1.a4e4f00000000p-8"],
+    (1e-5, None): ["0x1.40d09a0000000p+6", "0x1.80e8b80000000p+1", "0x1.5f63c80000000p+0",
+                   "0x1.761ada0000000p-1", "0x1.5601740000000p-2", "0x1.a4e4f00000000p-8"],
+    (1e-5, 1e4): ["0x1.40d4ca0000000p+9", "0x1.8b2a980000000p+1", "0x1.6408480000000p+0",
+                  "0x1.79ca380000000p-1", "0x1.598f300000000p-2", "0x1.a4e4f00000000p-8"],
+}
+
+
+@pytest.mark.parametrize("bounds", list(EDM_IDDPM_6))
+def test_iddpm_discretization_on_an_iddpm_network_gives_edms_levels(bounds):
+    from guided_diffusion.edm_networks import build_edm_network
+
+    net = build_edm_network("iDDPMPrecond", dict(img_resolution=8, img_channels=3, model_channels=16,
+                                                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]))
+    sigmas = sampling_sigmas(net, 6, "iddpm", sigma_min=bounds[0], sigma_max=bounds[1])
+    assert [float(v).hex() for v in sigmas[:-1]] == EDM_IDDPM_6[bounds] and float(sigmas[-1]) == 0.0
 
 
 def test_sampling_sigmas_respects_the_denoiser():

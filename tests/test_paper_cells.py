@@ -1,6 +1,7 @@
 """The table-cell launcher prints the commands that reproduce a cell of the ES paper's ADM table."""
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -8,6 +9,8 @@ import pytest
 
 from guided_diffusion.errors import UsageError
 from guided_diffusion.paper_cells import cell_commands
+from guided_diffusion.paper_cells import main as paper_main
+from guided_diffusion.script_util import cli_main, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +54,101 @@ def test_shell_launcher_dry_run_prints_and_runs_nothing(tmp_path):
     assert "mpirun -n 4 python scripts/image_sample.py --config ffhq128_admes" in proc.stdout
     assert "--eps_scale 1.008" in proc.stdout
     assert not (tmp_path / "w").exists()
+
+
+# A folder name that breaks unquoted shell: a space, a quote, and a printf directive.
+ODD = "it's 100%s odd"
+NO_NETWORK = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTPS_PROXY", "ALL_PROXY", "all_proxy")}
+
+
+def _launch(tmp_path, *args, work_dir, extra_env=None):
+    """paper_cell.sh from a checkout whose folder name is odd (a link to this one's scripts),
+    run from another odd folder, with a relative WORK_DIR (taken from the folder it runs from)."""
+    checkout = tmp_path / f"checkout {ODD}"
+    if not checkout.exists():
+        checkout.mkdir()
+        (checkout / "scripts").symlink_to(ROOT / "scripts")
+    cwd = tmp_path / f"caller {ODD}"
+    cwd.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "curl_home")}
+    env.update(WORK_DIR=work_dir, PYTHONPATH=str(ROOT), CURL_HOME=str(tmp_path), **(extra_env or {}))
+    proc = subprocess.run(["bash", str(checkout / "scripts" / "paper_cell.sh"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, cwd / work_dir
+
+
+def _tokens_after(tokens, flag):
+    return tokens[tokens.index(flag) + 1]
+
+
+def test_dry_run_commands_are_valid_shell_with_every_path_quoted(tmp_path):
+    proc, work = _launch(tmp_path, "imagenet64_cond", "20", "es", "8", "--dry-run", work_dir=f"work {ODD}")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5
+    for line in lines:
+        syntax = subprocess.run(["bash", "-n", "-c", line], capture_output=True, text=True)
+        assert syntax.returncode == 0, (line, syntax.stderr)
+    mkdir, model, sample, ref, score = (shlex.split(line) for line in lines)
+    assert mkdir[:4] == ["mkdir", "-p", str(work / "models"), str(work / "reference")]
+    assert model[:3] == ["[", "-f", str(work / "models" / "64x64_diffusion.pt")]
+    assert str(work / "models" / "64x64_diffusion.pt.part") in model
+    assert sample[:5] == ["mpirun", "-n", "8", "python", "scripts/image_sample.py"]
+    assert _tokens_after(sample, "--model_path") == str(work / "models" / "64x64_diffusion.pt")
+    assert _tokens_after(sample, "--output_dir") == str(work / "imagenet64_cond" / "20steps-es")
+    assert ref[:3] == ["[", "-f", str(work / "reference" / "VIRTUAL_imagenet64_labeled.npz")]
+    assert score[2:4] == [str(work / "reference" / "VIRTUAL_imagenet64_labeled.npz"),
+                          str(work / "imagenet64_cond" / "20steps-es" / "samples_50000x64x64x3.npz")]
+    assert _tokens_after(score, "--json") == str(work / "imagenet64_cond" / "20steps-es" / "metrics.json")
+    assert not work.exists() and not (tmp_path / f"checkout {ODD}" / f"work {ODD}").exists()
+
+
+def test_guided_cell_quotes_the_classifier_path():
+    work = Path("/data") / ODD
+    sample = next(c for c in cell_commands("imagenet128_cond", 20, "es", work_dir=str(work))
+                  if "classifier_sample.py" in c)
+    tokens = shlex.split(sample)
+    assert _tokens_after(tokens, "--classifier_path") == str(work / "models" / "128x128_classifier.pt")
+    assert _tokens_after(tokens, "--model_path") == str(work / "models" / "128x128_diffusion.pt")
+
+
+def test_offline_download_fails_in_one_error_line_and_leaves_no_partial_file(tmp_path):
+    work_name = f"work {ODD}"
+    models = tmp_path / f"caller {ODD}" / work_name / "models"
+    models.mkdir(parents=True)
+    target = models / "64x64_diffusion.pt"
+    (models / "64x64_diffusion.pt.part").write_bytes(b"half of an earlier download")
+    proc, work = _launch(tmp_path, "imagenet64_cond", "20", "es", work_dir=work_name, extra_env=NO_NETWORK)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    url = load_config("imagenet64_cond")["checkpoint_url"]
+    assert lines[0].startswith("error: ") and f"download {url} to {target}" in lines[0]
+    assert sorted(p.name for p in work.rglob("*")) == ["models", "reference"]  # no file, no .part
+    assert "+ python scripts/image_sample.py" not in proc.stdout  # it stopped at the download
+
+
+def test_a_checkpoint_without_url_is_one_error_line_naming_where_to_put_it(tmp_path):
+    proc, work = _launch(tmp_path, "ffhq128_admes", "20", "es", work_dir=f"work {ODD}", extra_env=NO_NETWORK)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: ffhq128_admes checkpoint is not at {work / 'models' / 'ffhq128_admes.pt'} and has no public "
+        "download URL; put the file there, then rerun"]
+    assert sorted(p.name for p in work.rglob("*")) == ["models", "reference"]
+
+
+def test_launcher_mistakes_are_one_error_line(tmp_path, capsys):
+    proc, _ = _launch(tmp_path, "imagenet64_cond", "20", work_dir="w")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: expected CONFIG STEPS VARIANT [NUM_GPUS], got 2 arguments")
+    proc, _ = _launch(tmp_path, "imagenet64_cond", "20", "best", work_dir="w")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: argument variant: invalid choice: 'best'")
+    assert not (tmp_path / f"caller {ODD}" / "w").exists()
+    with pytest.raises(SystemExit) as stop:  # argparse's mistakes, one line through cli_main
+        cli_main(lambda: paper_main(["imagenet64_cond", "20", "es", "--num_gpus", "x"]))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: argument --num_gpus: invalid int value: 'x' (see paper_commands.py --help)"]
+    with pytest.raises(UsageError, match="line break"):
+        cell_commands("imagenet64_cond", 20, "es", work_dir="runs\nrm -rf x")

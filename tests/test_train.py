@@ -174,6 +174,63 @@ def test_annealed_lr_reaches_zero_and_ends_the_run(tmp_path):
     assert loop.step == 4
 
 
+# -- ADM's override points ------------------------------------------------------------------------
+
+ADM_TRAINLOOP_ATTRIBUTES = (  # what ADM's TrainLoop.__init__ sets, and forks read
+    "model", "diffusion", "data", "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
+    "resume_checkpoint", "use_fp16", "fp16_scale_growth", "schedule_sampler", "weight_decay", "lr_anneal_steps",
+    "step", "resume_step", "global_batch", "sync_cuda", "mp_trainer", "opt", "ema_params", "use_ddp", "ddp_model",
+)
+
+
+class ForkLoop(TrainLoop):
+    """Overrides as forks of ADM write them: warm-up in _anneal_lr from step + resume_step, an extra
+    logged key (ADM-ES logs "total batch size"), a counted _update_ema."""
+
+    def __init__(self, **kwargs):
+        self.lrs, self.ema_updates = [], 0
+        super().__init__(**kwargs)
+
+    def _anneal_lr(self):
+        done = self.step + self.resume_step
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * min(1.0, (done + 1) / 4)
+
+    def log_step(self):
+        super().log_step()
+        logger.logkv("total batch size", self.global_batch)
+        self.lrs.append(self.opt.param_groups[0]["lr"])
+
+    def _update_ema(self):
+        self.ema_updates += 1
+        super()._update_ema()
+
+
+def test_adm_override_points_are_called_with_adms_counters(tmp_path):
+    model, diffusion = tiny_model_and_diffusion()
+    data = load_data(data_dir="digits", batch_size=8, image_size=8, seed=1)
+    loop = ForkLoop(model=model, diffusion=diffusion, data=data, batch_size=8, microbatch=-1, lr=1e-3,
+                    ema_rate="0.9", log_interval=3, save_interval=1000, resume_checkpoint="", seed=0,
+                    checkpoint_dir=str(tmp_path / "a"), max_steps=3)
+    for name in ADM_TRAINLOOP_ATTRIBUTES:
+        assert hasattr(loop, name), name
+    assert loop.sync_cuda == torch.cuda.is_available() and loop.fp16_scale_growth == 1e-3
+    assert loop.ema_rate == [0.9] and (loop.step, loop.resume_step) == (0, 0)
+    loop.run_loop()
+    assert loop.lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4]) and loop.ema_updates == 3
+    assert loop.step == 3
+    model2, diffusion2 = tiny_model_and_diffusion()
+    resumed = ForkLoop(model=model2, diffusion=diffusion2, data=data, batch_size=8, microbatch=-1, lr=1e-3,
+                       ema_rate="0.9", log_interval=1, save_interval=1000, seed=0,
+                       resume_checkpoint=str(tmp_path / "a" / "model000003.pt"),
+                       checkpoint_dir=str(tmp_path / "b"), max_steps=5)
+    assert (resumed.step, resumed.resume_step) == (0, 3)
+    resumed.run_step(*next(data))
+    row = logger.dumpkvs()
+    assert resumed.lrs == [1e-3]  # (0 + 3 + 1) / 4: warm-up done, counted from the resumed step
+    assert row["total batch size"] == 8 and row["step"] == 4
+
+
 # -- one step's arithmetic ------------------------------------------------------------------------
 
 
