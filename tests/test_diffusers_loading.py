@@ -122,6 +122,13 @@ def test_a_pipeline_that_cannot_be_loaded_is_one_error_line_and_nothing_else(mod
     assert not out.exists()
 
 
+def test_an_unknown_scheduler_is_one_error_line(models, tmp_path):
+    proc = run_script(models, f"--model={models['ldm']}", "--scheduler=heun", f"--output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: argument --scheduler: invalid choice: 'heun'") and proc.stderr.count("\n") == 1
+    assert "pipeline" in proc.stderr and "euler_ancestral" in proc.stderr  # the choices are named
+
+
 def test_a_cached_model_id_loads_silently_offline_and_samples_as_its_folder_does(models, tmp_path):
     out = tmp_path / "out"
     proc = run_script(models, "--model=tiny/ldm", "--steps=2", "--num_samples=2", "--batch_size=2", "--seed=4",

@@ -17,6 +17,7 @@ from guided_diffusion.unet import (
     ResBlock,
     SuperResModel,
     UNetModel,
+    fused_attention,
 )
 
 KINDS = {"UNetModel": UNetModel, "SuperResModel": SuperResModel, "EncoderUNetModel": EncoderUNetModel}
@@ -124,7 +125,7 @@ def test_outputs_match_adm(adm_golden, name):
     torch.testing.assert_close(out, case["out"], atol=1e-4, rtol=0)
 
 
-def test_attention_goes_through_scaled_dot_product_attention(adm_golden, monkeypatch):
+def test_fused_attention_goes_through_scaled_dot_product_attention_only_when_asked(adm_golden, monkeypatch):
     calls = []
     fused = F.scaled_dot_product_attention
 
@@ -140,7 +141,11 @@ def test_attention_goes_through_scaled_dot_product_attention(adm_golden, monkeyp
         attention_blocks[name] = sum(isinstance(m, AttentionBlock) for m in model.modules())
         args, extra = golden_inputs(case)
         with torch.no_grad():
+            before = len(calls)
             torch.testing.assert_close(model(*args, **extra), case["out"], atol=1e-4, rtol=0)
+            assert len(calls) == before  # ADM's own arithmetic by default
+            with fused_attention():
+                torch.testing.assert_close(model(*args, **extra), case["out"], atol=1e-4, rtol=0)
     # One call per attention block, with [batch, heads, tokens, head channels] queries:
     # heads of 16 channels in the new-order model, 4 heads in the legacy one.
     assert [n for n, _ in calls].count("u32_new_order") == attention_blocks["u32_new_order"] > 0
