@@ -66,8 +66,20 @@ def evaluate(
     sample, sample_info = read_batch(sample_path, model, batch_size, "samples")
     if reference_info["image_size"] != sample_info["image_size"]:
         print(f"warning: reference images are {reference_info['image_size']}, samples {sample_info['image_size']}")
+    metrics = compute_metrics(reference, sample, model.softmax_weights, device, distance_dtype)
+    return {"metrics": metrics, "reference": reference_info, "sample": sample_info}
+
+
+def compute_metrics(
+    reference: BatchActivations,
+    sample: BatchActivations,
+    softmax_weights,
+    device="cpu",
+    distance_dtype: str = "float16",
+) -> dict:
+    """ADM's five numbers for the sample activations against the reference's, printed as ADM prints them."""
     print("Computing evaluations...")
-    metrics = {"inception_score": inception_score(class_probabilities(sample.pool, model.softmax_weights))}
+    metrics = {"inception_score": inception_score(class_probabilities(sample.pool, softmax_weights))}
     print("Inception Score:", metrics["inception_score"])
     metrics["fid"] = sample.pool_statistics.frechet_distance(reference.pool_statistics)
     print("FID:", metrics["fid"])
@@ -80,7 +92,7 @@ def evaluate(
     )
     print("Precision:", metrics["precision"])
     print("Recall:", metrics["recall"])
-    return {"metrics": metrics, "reference": reference_info, "sample": sample_info}
+    return metrics
 
 
 def main(argv=None) -> dict:

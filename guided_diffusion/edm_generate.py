@@ -71,7 +71,9 @@ def parse_seeds(text: str) -> list[int]:
         elif re.fullmatch(r"-?\d+", part):
             seeds.append(int(part))
         else:
-            raise UsageError(f"--seeds {text}: {part!r} is not a seed; write numbers and ranges, e.g. 0-49999 or 1,2,5-10")
+            raise UsageError(
+                f"--seeds {text}: {part!r} is not a seed; write numbers and ranges, e.g. 0-49999 or 1,2,5-10"
+            )
     seen = set()
     for seed in seeds:
         if seed in seen:
@@ -222,7 +224,9 @@ def write_png_folder(outdir, seeds: Sequence[int], batches: list[list[int]], sam
         def finish():
             missing = [s for s in seeds if not png_path(outdir, s, subdirs).exists()]
             if missing:
-                raise UsageError(f"the images of {len(missing)} seeds (first {missing[0]}) are missing in {outdir}; rerun to finish")
+                raise UsageError(
+                    f"the images of {len(missing)} seeds (first {missing[0]}) are missing in {outdir}; rerun to finish"
+                )
             final = dict(record, complete=True, **environment_record(world_size))
             atomic_write_text(outdir / PNG_SIDECAR, json.dumps(final, indent=1, sort_keys=True, default=str))
             return outdir / PNG_SIDECAR

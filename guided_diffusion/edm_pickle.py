@@ -363,7 +363,9 @@ def _config_path(weights: Path) -> Path:
 def load_edm_network(path, key: str = "ema") -> tuple[torch.nn.Module, dict]:
     """An EDM denoiser from a released ``.pkl`` or a converted ``.safetensors`` (+ ``.json``).
 
-    Returns (network in eval mode, config): config has ``class_name`` and ``init_kwargs``.
+    Returns (network in eval mode, config): config has ``class_name``, ``init_kwargs`` and
+    ``attributes`` (``sigma_min`` / ``sigma_max`` as EDM's object recorded them; the network
+    reports those).
     """
     path = Path(path)
     if not path.is_file():

@@ -123,8 +123,9 @@ class GaussianDiffusion:
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"betas must be a 1-D array of at least 2 steps, got shape {betas.shape}")
-        if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError("every beta must be in (0, 1]; check the noise schedule")
+        if not ((betas > 0).all() and (betas < 1).all()):
+            # ADM admits beta = 1, but it makes alpha_bar 0 and every x0 prediction infinite
+            raise ValueError("every beta must be in (0, 1); check the noise schedule and --diffusion_steps")
         self.betas = betas
         self.num_timesteps = len(betas)
         adm_es = adm_es_eps_scale(eps_scaler)

@@ -43,7 +43,8 @@ def load_data(
     :param random_crop: ADM's random-resized crop instead of the center crop (folders only).
     :param random_flip: mirror half of the images (folders only: a mirrored digit is not a digit,
         so the digits are never mirrored).
-    :param seed: seed of the shuffles and augmentations; None draws one from Python's RNG.
+    :param seed: seed of the shuffles and augmentations, a function of (seed, rank, batch index);
+        None is ADM's loader (torch's global RNG decides them, as in ADM; not resumable).
     :param start_batch: index of the first batch to yield (a resumed run passes its step).
     """
     if not data_dir:
@@ -75,11 +76,21 @@ def load_data(
             "lower --batch_size or add images"
         )
     if seed is None:
-        seed = random.randrange(2**63)
+        return _adm_batches(dataset, batch_size, deterministic, num_workers)
     sampler = ResumableBatchSampler(
         len(dataset), batch_size, shuffle=not deterministic, seed=seed, rank=rank, start_batch=start_batch
     )
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers))
+
+
+def _adm_batches(dataset, batch_size, deterministic, num_workers):
+    """ADM's own loader, for code that calls load_data as ADM does (no seed): torch's DataLoader,
+    a fresh order every epoch and the workers' seeds (which decide the crops and flips) drawn
+    from torch's global RNG, so a run seeded as ADM's is equal to ADM's. Not resumable."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=not deterministic, num_workers=num_workers,
+                        drop_last=True)
+    while True:
+        yield from loader
 
 
 def load_superres_data(data_dir, batch_size, large_size, small_size, class_cond=False, **kwargs):
@@ -161,7 +172,7 @@ def class_indices_from_names(paths) -> list[int]:
 class ImageDataset(Dataset):
     """One rank's share of image files, as ADM: center or random crop, optional flip, CHW in [-1, 1].
 
-    Keys are indices or (index, augmentation seed) pairs; a plain index draws fresh randomness.
+    Keys are indices (ADM's loader: Python's RNG, which torch seeds per worker) or (index, augmentation seed) pairs.
     """
 
     def __init__(
@@ -178,7 +189,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, idx):
         index, aug_seed = idx if isinstance(idx, tuple) else (idx, None)
-        rng = random.Random(aug_seed)
+        # a plain index (ADM's loader) draws from the module's RNG, which torch seeds in each worker
+        rng = random if aug_seed is None else random.Random(aug_seed)
         path = self.local_images[index]
         with Image.open(path) as pil_image:
             pil_image.load()

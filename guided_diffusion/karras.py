@@ -4,8 +4,13 @@ A denoiser is a callable ``D(x, sigma, class_labels)`` returning its estimate of
 from x = x0 + sigma * noise; ``sigma`` arrives as a 0-d tensor (one noise level for the whole
 batch, as EDM's sampler passes it; ADMDenoiser also takes one value per sample). It may carry
 ``sigma_min`` / ``sigma_max`` (the sampler's range is clipped to them) and ``round_sigma``
-(noise levels snap to the ones the network knows), as EDM's networks do. ``ADMDenoiser`` makes
-one out of an ADM epsilon model.
+(noise levels snap to the ones the network knows), as EDM's networks do; ``BoundDenoiser``
+keeps them on a wrapped call. ``ADMDenoiser`` makes one out of an ADM epsilon model.
+
+Randomness comes in from the caller: per-image streams (sample_io.ImageNoise), or EDM's per-seed
+generators (``EDMSeedNoise``), with which karras_sample reproduces EDM's generate.py bit for bit
+on the same device (checked against EDM's code on its own pickles: VP, EDM, iDDPM, Heun and
+Euler, churn, iddpm levels; and against EDM-ES's generate.py with lambda 1.0006).
 
 The probability-flow ODE is dx/dsigma = eps(x; sigma) with eps = (x - D(x; sigma)) / sigma.
 Epsilon Scaling divides eps by lambda at every network evaluation, i.e. uses

@@ -52,6 +52,8 @@ POSITIVE_FLAGS = ("image_size", "large_size", "small_size", "num_channels", "num
 
 def check_size_flags(args) -> None:
     for name in POSITIVE_FLAGS:
+        if name == "num_classes" and not getattr(args, "class_cond", True):
+            continue  # an unconditional model has no classes to count
         value = getattr(args, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")

@@ -616,6 +616,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv=None):
 def output_folder(output_dir: str, default: str) -> Path:
     """--output_dir, else $OPENAI_LOGDIR (ADM's), else ``default``: created, or one clear error."""
     folder = Path(output_dir or os.environ.get("OPENAI_LOGDIR") or default)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"output folder {folder} is a file, not a folder; choose another --output_dir")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -498,6 +498,8 @@ class _TrainLoopBase:
         )
         self.opt = torch.optim.AdamW(self.mp_trainer.master_params, lr=lr, weight_decay=weight_decay)
         self._load_optimizer_state()
+        for group in self.opt.param_groups:  # the coming step's rate, as ADM's optimizer file holds it
+            group["lr"] = self.lr_at(self.completed_steps)
         self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
         self._resume = None  # loaded: let the file mappings go
 
@@ -682,12 +684,14 @@ class _TrainLoopBase:
             progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_sec:.1f}")
 
     def run_step(self, batch, cond):
-        """One optimizer step on ``batch``: learning rate, gradients, update, EMA, logged values."""
-        self._anneal_lr()
+        """One optimizer step on ``batch``: gradients, update, EMA, the next step's learning rate (set
+        after the step, as ADM does, so an optimizer file holds the rate its resumed run starts with),
+        logged values."""
         self.forward_backward(batch, cond)
         took_step = self.mp_trainer.optimize(self.opt)
         if took_step:
             self._update_ema()
+            self._anneal_lr()
         self.log_step()
 
     def _update_ema(self):
@@ -695,21 +699,24 @@ class _TrainLoopBase:
             update_ema(params, self.mp_trainer.master_params, rate=rate)
 
     def _anneal_lr(self):
-        """Set the learning rate of the coming step (see lr_at)."""
+        """Set the learning rate of the step after the one just taken (see lr_at)."""
         for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.completed_steps)
+            group["lr"] = self.lr_at(self.completed_steps + 1)
 
     def log_step(self):
         """Log the step just taken (its number counts from 1), the images seen and the learning rate."""
         logger.logkv("step", self.completed_steps + 1)
         logger.logkv("samples", (self.completed_steps + 1) * self.global_batch)
-        logger.logkv("lr", self.opt.param_groups[0]["lr"])
+        logger.logkv("lr", self.lr_at(self.completed_steps))  # the rate this step ran at
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of the step that follows ``step`` completed ones (linear decay to 0 when annealing)."""
+        """Learning rate of the step that follows ``step`` completed ones, decaying linearly when
+        annealing as ADM's does: ADM sets the rate after each step from the step just taken, so the
+        first two steps both run at --lr and the last at 2/N of it. The one-step lag is kept so that
+        runs equal ADM's."""
         if not self.lr_anneal_steps:
             return self.lr
-        return self.lr * max(0.0, 1.0 - step / self.lr_anneal_steps)
+        return self.lr * max(0.0, 1.0 - max(step - 1, 0) / self.lr_anneal_steps)
 
     def forward_backward(self, batch, cond):
         raise NotImplementedError

@@ -51,7 +51,11 @@ def main(argv=None):
     out = Path(args.output)
     if out.exists():
         raise UsageError(f"{out} already exists; give a new folder (the images are never written over)")
-    with NpzImages(args.batch) as images:
+    try:
+        opened = NpzImages(args.batch)
+    except zipfile.BadZipFile as exc:  # a damaged member found while reading its header
+        raise UsageError(f"{args.batch} is damaged ({exc}); nothing was written") from None
+    with opened as images:
         labels = read_labels(Path(args.batch), len(images))
         width = max(6, len(str(len(images) - 1)))
         names = [f"{i:0{width}d}.png" for i in range(len(images))]

@@ -242,3 +242,115 @@ def test_attention_is_adm_arithmetic_bit_for_bit_outside_fused_attention(legacy)
     assert not torch.equal(fused, expected)  # really the other kernel
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
     assert not unet._FUSED_ATTENTION  # the context restored the default
+
+
+# What ADM-ES's image_train.py does with ADM's API: load_data without a seed (ADM's loader, torch's
+# global RNG), TrainLoop with ADM's arguments, run until lr_anneal_steps, checkpoints in the log folder.
+ADM_ES_STYLE_TRAIN = textwrap.dedent("""
+    import argparse
+    import numpy as np, random, torch
+    from guided_diffusion import logger, script_util as su
+    from guided_diffusion.image_datasets import load_data
+    from guided_diffusion.resample import create_named_schedule_sampler
+    from guided_diffusion.train_util import TrainLoop
+
+    parser = argparse.ArgumentParser()
+    su.add_dict_to_argparser(parser, dict(su.model_and_diffusion_defaults(), data_dir="", lr=1e-4, batch_size=1,
+                                          lr_anneal_steps=0, log_dir="", seed=0))
+    args = parser.parse_args()
+    random.seed(args.seed); np.random.seed(args.seed); torch.manual_seed(args.seed)
+    logger.configure(dir=args.log_dir)
+    model, diffusion = su.create_model_and_diffusion(**su.args_to_dict(args, su.model_and_diffusion_defaults().keys()))
+    data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size)
+    TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=args.batch_size, microbatch=-1, lr=args.lr,
+              ema_rate="0.9999", log_interval=10, save_interval=10000, resume_checkpoint="", use_fp16=False,
+              fp16_scale_growth=1e-3, schedule_sampler=create_named_schedule_sampler("uniform", diffusion),
+              weight_decay=0.0, lr_anneal_steps=args.lr_anneal_steps).run_loop()
+""")
+
+
+class _FlippedImages(torch.utils.data.Dataset):
+    """8x8 PNGs as ADM's dataset gives them at image size 8: [-1, 1], mirrored when Python's RNG
+    (seeded per worker by torch) says so."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import random
+
+        from PIL import Image
+
+        arr = np.asarray(Image.open(self.paths[i]).convert("RGB"))
+        if random.random() < 0.5:
+            arr = arr[:, ::-1]
+        return np.transpose(arr.astype(np.float32) / 127.5 - 1, [2, 0, 1]), {}
+
+
+def adm_es_training(paths, steps, gamma, lr=1e-4, batch=4, rate=0.9999, seed=0):
+    """ADM-ES's training, written out: the seeds, the network's initialisation (drawn from torch's
+    RNG), one loader worker, a fresh order every epoch, t uniform (numpy), noise then the
+    perturbation (torch), MSE on epsilon, AdamW, the learning rate set after each step from that
+    step (lr * (1 - step / N)), EMA. Returns the initial weights, the trained ones and the EMA."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model, _ = su.create_model_and_diffusion(**dict(su.model_and_diffusion_defaults(), **dict(TINY, learn_sigma=False)))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    abar = torch.from_numpy(np.cumprod(1 - cosine_betas()))
+    opt = torch.optim.AdamW(list(model.parameters()), lr=lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in model.parameters()]
+    loader = torch.utils.data.DataLoader(_FlippedImages(paths), batch_size=batch, shuffle=True, num_workers=1,
+                                         drop_last=True)
+    batches = (b for _ in iter(int, 1) for b in loader)
+    for step in range(steps):
+        x0, _ = next(batches)
+        t = torch.from_numpy(np.random.choice(1000, size=(batch,), p=np.full(1000, 1 / 1000))).long()
+        weights = torch.from_numpy(1 / (1000 * np.full(1000, 1 / 1000)[t.numpy()])).float()
+        noise = torch.randn_like(x0)
+        noisy = noise + gamma * torch.randn_like(noise)
+        x_t = (abar.sqrt()[t].float().view(-1, 1, 1, 1) * x0
+               + (1 - abar).sqrt()[t].float().view(-1, 1, 1, 1) * noisy)
+        loss = (((noise - model(x_t, t)) ** 2).mean(dim=(1, 2, 3)) * weights).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(rate).add_(p, alpha=1 - rate)
+        for group in opt.param_groups:
+            group["lr"] = lr * (1 - step / steps)
+    return initial, model.state_dict(), ema
+
+
+def test_an_adm_es_style_training_gives_adm_es_bytes(tmp_path):
+    from PIL import Image
+
+    images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"img_{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    script = tmp_path / "adm_es_train.py"
+    script.write_text(ADM_ES_STYLE_TRAIN)
+    steps, gamma = 5, 0.1
+    flags = [f"--{k}={v}" for k, v in dict(TINY, learn_sigma=False).items()]
+    subprocess.run([sys.executable, str(script), *flags, f"--data_dir={tmp_path}", "--batch_size=4",
+                    f"--lr_anneal_steps={steps}", f"--eps_scaler={gamma}", f"--log_dir={tmp_path / 'log'}"],
+                   check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, timeout=300)
+    initial, expected, ema = adm_es_training(paths, steps, gamma)
+    saved = torch.load(tmp_path / "log" / f"model{steps:06d}.pt", weights_only=True)
+    saved_ema = torch.load(tmp_path / "log" / f"ema_0.9999_{steps:06d}.pt", weights_only=True)
+    assert any(not torch.equal(initial[k], expected[k]) for k in expected)  # it trained
+    for k in expected:
+        assert torch.equal(saved[k], expected[k]), f"model {k} differs"
+    for (k, _), e in zip(expected.items(), ema):
+        assert torch.equal(saved_ema[k], e), f"EMA {k} differs"
+    opt = torch.load(tmp_path / "log" / f"opt{steps:06d}.pt", weights_only=True)
+    assert opt["param_groups"][0]["lr"] == 1e-4 * (1 - (steps - 1) / steps)

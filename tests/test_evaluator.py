@@ -6,19 +6,29 @@ matrix square root, brute-force nearest neighbours, np.load for the files).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from scipy import linalg
 from scipy.spatial.distance import cdist
 
+from evaluations import feature_statistics
 from evaluations.feature_statistics import (
     FIDStatistics,
     RunningStatistics,
     class_probabilities,
     inception_score,
 )
-from evaluations.manifold import manifold_radii, precision_recall
+from evaluations.manifold import (
+    block_distances,
+    float16_squared_distances,
+    float16_squared_norms,
+    manifold_radii,
+    precision_recall,
+    squared_distances,
+)
 from evaluations.npz_stream import NpzImages, read_stored_statistics
 from guided_diffusion.file_util import NpzWriter
 
@@ -61,14 +71,82 @@ def test_frechet_distance_matches_an_eigenvalue_computation():
     assert a.frechet_distance(b) == pytest.approx(b.frechet_distance(a), rel=1e-9)
 
 
-def test_singular_covariance_product_gets_the_diagonal_offset():
-    # An exactly singular product (a direction with zero variance on both sides): ADM adds 1e-6.
+def test_singular_covariance_product_keeps_its_square_root():
+    # An exactly singular product (a direction with zero variance on both sides) still has a finite
+    # square root: ADM adds no offset then, and SciPy's singular-matrix warning is not passed on.
     a = FIDStatistics(np.zeros(3), np.diag([1.0, 0.0, 4.0]))
     b = FIDStatistics(np.ones(3), np.diag([2.0, 0.0, 1.0]))
-    with pytest.warns(UserWarning, match="adding 1e-06 to the diagonal"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither LinAlgWarning nor a deprecation of sqrtm's disp
         got = a.frechet_distance(b)
-    assert got == pytest.approx(_frechet_by_eigenvalues(a, b, offset=1e-6), rel=1e-12)
-    assert got != pytest.approx(_frechet_by_eigenvalues(a, b), rel=1e-9)  # the offset shows
+    assert got == pytest.approx(3 + (1 - np.sqrt(2)) ** 2 + (2 - 1) ** 2, rel=1e-12)  # sum (sqrt v1 - sqrt v2)^2
+    assert got != pytest.approx(_frechet_by_eigenvalues(a, b, offset=1e-6), rel=1e-9)  # an offset would show
+
+
+def test_fewer_images_than_features_keep_the_square_root():
+    # Rank-deficient covariances (10 images, 16 features), as on any sample batch under 2048 images.
+    rng = np.random.default_rng(3)
+    a, b = _random_statistics(rng, 16, 10), _random_statistics(rng, 16, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = a.frechet_distance(b)
+    assert got == pytest.approx(_frechet_by_eigenvalues(a, b), rel=1e-7)
+    assert got != pytest.approx(_frechet_by_eigenvalues(a, b, offset=1e-6), rel=1e-7)
+
+
+def test_non_finite_square_root_gets_the_diagonal_offset():
+    # S1 S2 = [[0, 1], [0, 0]] has no square root (SciPy returns inf), so ADM adds eps = 1e-6 to both
+    # diagonals: ((S1 + eps)(S2 + eps))^1/2 = [[r, (1 + eps) / 2r], [0, r]] with r^2 = eps (1 + eps).
+    eps = 1e-6
+    a = FIDStatistics(np.zeros(2), np.array([[0.0, 1.0], [0.0, 0.0]]))
+    b = FIDStatistics(np.array([1.0, 2.0]), np.eye(2))
+    with pytest.warns(UserWarning, match="not finite; adding 1e-06 to the diagonal"):
+        got = a.frechet_distance(b)
+    assert got == pytest.approx(5 + 0 + 2 - 2 * 2 * np.sqrt(eps * (1 + eps)), rel=1e-12)
+
+
+def _sqrtm_of_scipy_1_17(real_sqrtm):
+    """SciPy <= 1.17: ``disp`` accepted (deprecated in 1.16), a LinAlgWarning for singular input."""
+
+    def sqrtm(matrix, disp=True):
+        if np.linalg.matrix_rank(matrix) < len(matrix):
+            warnings.warn("Matrix is singular.", linalg.LinAlgWarning, stacklevel=2)
+        root = real_sqrtm(matrix)
+        return root if disp else (root, 0.0)
+
+    return sqrtm
+
+
+def _sqrtm_of_scipy_1_18(real_sqrtm):
+    """SciPy 1.18: no ``disp`` any more."""
+
+    def sqrtm(matrix):
+        return real_sqrtm(matrix)
+
+    return sqrtm
+
+
+@pytest.mark.parametrize("version", [_sqrtm_of_scipy_1_17, _sqrtm_of_scipy_1_18])
+def test_frechet_distance_is_the_same_before_and_after_scipy_1_18(version, monkeypatch):
+    real_sqrtm = feature_statistics.linalg.sqrtm
+    calls = []
+
+    def recording(matrix, *args, **kwargs):
+        calls.append((args, kwargs))
+        return version(real_sqrtm)(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(feature_statistics.linalg, "sqrtm", recording)
+    singular = (FIDStatistics(np.zeros(3), np.diag([1.0, 0.0, 4.0])), FIDStatistics(np.ones(3), np.diag([2.0, 0.0, 1.0])))
+    rng = np.random.default_rng(6)
+    regular = (_random_statistics(rng, 12, 40), _random_statistics(rng, 12, 50))
+    no_root = (FIDStatistics(np.zeros(2), np.array([[0.0, 1.0], [0.0, 0.0]])), FIDStatistics(np.zeros(2), np.eye(2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert singular[0].frechet_distance(singular[1]) == pytest.approx(3 + (1 - np.sqrt(2)) ** 2 + 1, rel=1e-12)
+        assert regular[0].frechet_distance(regular[1]) == pytest.approx(_frechet_by_eigenvalues(*regular), rel=1e-9)
+    with pytest.warns(UserWarning, match="adding 1e-06"):
+        assert no_root[0].frechet_distance(no_root[1]) == pytest.approx(2 - 4 * np.sqrt(1e-6 * (1 + 1e-6)), rel=1e-12)
+    assert len(calls) == 4 and all(call == ((), {}) for call in calls)  # sqrtm(matrix) alone, on any SciPy
 
 
 def test_statistics_reject_bad_shapes_and_values():
@@ -172,7 +250,7 @@ def test_precision_recall_of_identical_and_of_far_sets():
     assert precision_recall(LINE, LINE + 100) == (0.0, 0.0)
 
 
-def test_precision_recall_match_brute_force_in_any_block_size():
+def test_float32_precision_recall_match_brute_force_in_any_block_size():
     rng = np.random.default_rng(4)
     reference = rng.standard_normal((60, 5)).astype(np.float32)
     samples = (rng.standard_normal((45, 5)) * 1.3 + 0.4).astype(np.float32)
@@ -186,8 +264,9 @@ def test_precision_recall_match_brute_force_in_any_block_size():
         np.mean((cross <= radii(samples.astype(np.float64))[None, :]).any(axis=1)),
     )
     assert 0 < expected[0] < 1 and 0 < expected[1] < 1
-    assert precision_recall(reference, samples) == pytest.approx(expected)
-    assert precision_recall(reference, samples, block_size=7) == pytest.approx(expected)
+    for block_size in (10000, 7):
+        got = precision_recall(reference, samples, block_size=block_size, distance_dtype="float32")
+        assert got == pytest.approx(expected)
 
 
 def test_precision_recall_reject_bad_input():
@@ -199,6 +278,107 @@ def test_precision_recall_reject_bad_input():
         precision_recall(LINE.astype(np.int64), LINE)
     with pytest.raises(ValueError, match=r"float \[n, d\]"):
         precision_recall(LINE, np.zeros(10))
+    with pytest.raises(ValueError, match="unknown distance dtype 'float64'; use one of float16, float32"):
+        precision_recall(LINE, LINE, distance_dtype="float64")
+
+
+# --- ADM's float16 distances -------------------------------------------------------------------------
+
+
+def test_float16_norms_sum_in_tensorflows_order():
+    # 4096 ones: Eigen splits the row into leaves of 1024, each summed by 32 float16 lanes of 32
+    # values: exact. One float16 accumulator would stop at 2048 (2048 + 1 rounds to 2048).
+    assert float16_squared_norms(torch.ones(1, 4096)).item() == 4096
+    # 1 and 2047 squares of 2^-12, 2048 values: the left leaf's lane holding the 1 absorbs its other
+    # 31 values (1 + 2^-12 rounds to 1); the other 31 lanes hold 32 * 2^-12 = 2^-7 each, and the
+    # right leaf 1024 * 2^-12 = 1/4: 1 + 31/128 + 1/4 = 1.4921875, not the 1.49976 of exact sums.
+    row = torch.full((1, 2048), 2.0**-6)
+    row[0, 0] = 1.0
+    assert float16_squared_norms(row).item() == 1.4921875
+    # 7 values, fewer than a packet: one float16 accumulator, 2048 + 1 + 1 + ... rounds each time.
+    assert float16_squared_norms(torch.tensor([[2048.0**0.5] + [1.0] * 6])).item() == 2048
+    assert squared_distances(torch.tensor([[2048.0**0.5] + [1.0] * 6]), torch.zeros(1, 7)).item() == 2054
+
+
+def test_float16_distances_put_a_rounded_sample_on_a_ball_surface():
+    # (4, 2.0005) is 4.002 from the reference point (4, 0), whose ball has radius 4 (squared):
+    # outside in float32; in float16 the point is (4, 2), exactly on the surface, so inside.
+    samples = np.array([[4.0, 2.0005], [20.0, 20.0], [21.0, 20.0], [20.0, 21.0]])
+    assert precision_recall(LINE, samples, distance_dtype="float32") == (0.0, 1.0)
+    assert precision_recall(LINE, samples) == (0.25, 1.0)
+
+
+def test_a_block_with_a_non_finite_float16_distance_is_computed_in_float32():
+    rng = np.random.default_rng(7)
+    small = torch.from_numpy(rng.uniform(0, 3, (6, 16)).astype(np.float32))
+    huge = small.clone()
+    huge[2, 0] = 300.0  # 300^2 = 90000: beyond float16's 65504
+    assert not torch.isfinite(float16_squared_distances(huge, small)).all()
+    in_float16 = block_distances(small, small)
+    assert torch.equal(in_float16, float16_squared_distances(small, small).float())
+    assert not torch.equal(in_float16, squared_distances(small, small))  # the two dtypes differ here
+    assert torch.equal(block_distances(huge, small), squared_distances(huge, small))
+    assert torch.equal(block_distances(small, small, "float32"), squared_distances(small, small))
+    # Each block decides for itself: with blocks of 3 rows, only those that meet row 2 are float32.
+    features = torch.cat([huge, small])
+    radii = manifold_radii(features, block_size=3)
+    for start in range(0, 12, 3):
+        rows = features[start : start + 3]
+        row_blocks = [block_distances(rows, features[col : col + 3]) for col in range(0, 12, 3)]
+        expected = torch.cat(row_blocks, dim=1).kthvalue(4, dim=1).values
+        assert torch.equal(radii[start : start + 3], expected)
+    assert not torch.equal(radii[3:6], manifold_radii(features, block_size=12)[3:6])
+
+
+def _adm_distances_in_tensorflow(tf, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """ADM's distance block run by TensorFlow: float16 unless a value is not finite, then float32."""
+
+    def distances(a, b):
+        norms_a = tf.reshape(tf.reduce_sum(tf.square(a), axis=1), [-1, 1])
+        norms_b = tf.reshape(tf.reduce_sum(tf.square(b), axis=1), [1, -1])
+        return tf.maximum(norms_a - 2 * tf.matmul(a, b, transpose_b=True) + norms_b, 0.0)
+
+    half = distances(tf.cast(u, tf.float16), tf.cast(v, tf.float16))
+    if bool(tf.reduce_all(tf.math.is_finite(half))):
+        return tf.cast(half, tf.float32).numpy()
+    return distances(tf.constant(u), tf.constant(v)).numpy()
+
+
+@pytest.mark.parametrize("dim", [7, 48, 2048, 3001])
+def test_float16_norms_and_distances_match_tensorflow(dim):
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed (pip install tensorflow-cpu)")
+    rng = np.random.default_rng(dim)
+    u = (np.abs(rng.standard_normal((40, dim))) * rng.uniform(0.05, 24 / np.sqrt(dim), (40, 1))).astype(np.float32)
+    v = (np.abs(rng.standard_normal((30, dim))) * rng.uniform(0.05, 24 / np.sqrt(dim), (30, 1))).astype(np.float32)
+    expected_norms = tf.reduce_sum(tf.square(tf.cast(u, tf.float16)), axis=1).numpy()
+    np.testing.assert_array_equal(float16_squared_norms(torch.from_numpy(u)).numpy(), expected_norms)
+    expected = _adm_distances_in_tensorflow(tf, u, v)
+    got = float16_squared_distances(torch.from_numpy(u), torch.from_numpy(v)).float().numpy()
+    # TensorFlow accumulates u.v in float32 in an order of its own: rarely, one float16 step apart.
+    step = np.spacing(expected.astype(np.float16)).astype(np.float32) * 2
+    assert np.mean(got == expected) > 0.99 and np.all(np.abs(got - expected) <= step)
+    assert not np.array_equal(expected, squared_distances(torch.from_numpy(u), torch.from_numpy(v)).numpy())
+
+
+def test_float16_precision_recall_match_adms_arithmetic_in_tensorflow():
+    # 64 features on a 1/16 grid below 8: every product and partial sum of u.v is a multiple of
+    # 2^-8 below 2^12, exact in float32, so TensorFlow's order of accumulation cannot matter.
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow is not installed (pip install tensorflow-cpu)")
+    rng = np.random.default_rng(9)
+    reference = (np.round(rng.uniform(0, 8, (70, 64)) * 16) / 16).astype(np.float32)
+    samples = (np.round(np.clip(rng.normal(4.4, 2.24, (55, 64)), 0, 8 - 1 / 16) * 16) / 16).astype(np.float32)
+    reference_radii = np.partition(_adm_distances_in_tensorflow(tf, reference, reference), 3, axis=1)[:, 3]
+    sample_radii = np.partition(_adm_distances_in_tensorflow(tf, samples, samples), 3, axis=1)[:, 3]
+    cross = _adm_distances_in_tensorflow(tf, reference, samples)
+    expected = (
+        np.mean((cross <= reference_radii[:, None]).any(axis=0)),
+        np.mean((cross <= sample_radii[None, :]).any(axis=1)),
+    )
+    assert 0 < expected[0] < 1 and 0 < expected[1] < 1
+    np.testing.assert_array_equal(manifold_radii(torch.from_numpy(reference)).numpy(), reference_radii)
+    for block_size in (10000, 16):
+        assert precision_recall(reference, samples, block_size=block_size) == expected
+    assert precision_recall(reference, samples, distance_dtype="float32") != expected  # float16 shows
 
 
 # --- NPZ files, a batch at a time ------------------------------------------------------------------

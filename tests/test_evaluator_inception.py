@@ -454,13 +454,17 @@ def _stats(rows):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("tf", marks=needs_tf)])
 def test_evaluator_cli_reports_every_metric(backend, graph_path, torch_model, tmp_path, capsys):
+    # The torch run asks for float32 distances, so that brute-force float64 kNN must agree exactly;
+    # the tf run keeps the default, ADM's float16 distances (tested against ADM's own numbers in
+    # test_evaluator_adm_numbers.py, and against TensorFlow's arithmetic in test_evaluator.py).
+    dtype_flag = ["--distance_dtype", "float32"] if backend == "torch" else []
     ref_images, sample_images = _images(20, 130), _images(21, 120) // 2 + 60  # more images than features
     np.savez(tmp_path / "ref.npz", ref_images)
     np.savez(tmp_path / "sample.npz", sample_images, np.arange(120))  # arr_1 labels are ignored
     out = tmp_path / "result.json"
     evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz"), "--backend", backend,
                     "--inception_path", str(graph_path), "--batch_size", "32", "--device", "cpu",
-                    "--json", str(out)])
+                    "--json", str(out)] + dtype_flag)
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     metrics = result["metrics"]
@@ -484,6 +488,10 @@ def test_evaluator_cli_reports_every_metric(backend, graph_path, torch_model, tm
     assert result["sample"]["num_images"] == 120
     assert result["inception"]["sha256"] == hashlib.sha256(graph_path.read_bytes()).hexdigest()
     assert result["inception"]["backend"] == backend
+    if backend == "torch":
+        assert result["distance_dtype"] == "float32" and "distances in float32 (not ADM's)" in printed
+    else:
+        assert result["distance_dtype"] == "float16" and "distances in float16 (ADM's)" in printed
 
 
 def test_evaluator_uses_statistics_stored_in_the_reference(graph_path, torch_model, tmp_path, capsys):

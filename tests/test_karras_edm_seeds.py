@@ -71,7 +71,8 @@ class ToyNet:
 
     def __call__(self, x, sigma, labels=None):
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
-        shift = 0.0 if labels is None else (labels.double() @ torch.arange(4.0, dtype=torch.float64)).reshape(-1, 1, 1, 1)
+        classes = torch.arange(4.0, dtype=torch.float64)
+        shift = 0.0 if labels is None else (labels.double() @ classes).reshape(-1, 1, 1, 1)
         return (0.5 * torch.tanh(x.double() / (1 + sigma)) + 0.01 * shift).float()
 
 
@@ -142,7 +143,8 @@ def test_seed_lists_as_edm_writes_them():
     assert parse_seeds("1,2,5-10") == [1, 2, 5, 6, 7, 8, 9, 10]
     assert parse_seeds("0-49999") == list(range(50000))
     assert parse_seeds("7") == [7]
-    for bad, match in [("5-3", "empty"), ("a", "not a seed"), ("1,1", "twice"), ("", "not a seed"), ("1-", "not a seed")]:
+    bad_lists = [("5-3", "empty"), ("a", "not a seed"), ("1,1", "twice"), ("", "not a seed"), ("1-", "not a seed")]
+    for bad, match in bad_lists:
         with pytest.raises(UsageError, match=match):
             parse_seeds(bad)
 
@@ -286,3 +288,30 @@ def test_seed_mode_errors_are_one_line_and_write_nothing(tmp_path):
     r = run("--network", str(pkl), "--outdir", str(foreign), "--seeds", "0-1", "--steps", "2")
     assert r.returncode == 2 and "000001.png" in r.stderr and len(r.stderr.splitlines()) == 1
     assert (foreign / "000001.png").read_bytes() == b"not ours" and not (foreign / "000000.png").exists()
+
+
+def test_a_wrapped_network_keeps_its_range_and_levels():
+    """edm_sample wraps the network (speed switches, index-aligned chunks): the sampler must still
+    clip to its range and snap to its levels, as EDM's sampler does with the network itself."""
+    from guided_diffusion.edm_networks import build_edm_network
+    from guided_diffusion.karras import BoundDenoiser, karras_sample
+
+    net = build_edm_network("iDDPMPrecond", dict(img_resolution=8, img_channels=3, model_channels=16,
+                                                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]))
+    levels = set(net.u.double().tolist())
+
+    def visited(denoiser):
+        seen = []
+
+        def call(x, sigma, labels):
+            seen.append(float(sigma))
+            return torch.zeros_like(x)
+
+        wrapped = BoundDenoiser(call, denoiser) if denoiser is not None else call
+        karras_sample(wrapped, (1, 3, 8, 8), noise=torch.zeros(1, 3, 8, 8), num_steps=6, S_churn=3.0)
+        return seen
+
+    seen = visited(net)
+    assert set(seen) <= levels and min(seen) == net.sigma_min  # u_999, not the default 0.002
+    bare = visited(None)
+    assert min(bare) == pytest.approx(0.002) and not set(bare) <= levels

@@ -396,3 +396,42 @@ def test_a_really_full_disk_then_freed_gives_the_uninterrupted_bytes(tmp_path, t
     assert 0 < done < 10 and not list(folder.rglob("*.tmp*"))
     subprocess.run(["mount", "-o", "remount,size=2m", str(tiny_disk)], check=True)
     assert run(folder).read_bytes() == reference
+
+
+RANKS_CODE = """
+import sys
+from guided_diffusion import dist_util
+from guided_diffusion.sample_io import ImageNoise, SampleRun, image_labels, run_sampling
+from guided_diffusion.script_util import cli_main
+
+def main():
+    dist_util.setup_dist()
+    bad = int(sys.argv[2])
+    def sample_batch(indices):
+        images = ImageNoise(1, indices).randn((len(indices), 3, 4, 4)).clamp(-1, 1)
+        if bad in indices:
+            images[list(indices).index(bad)] = float("nan")
+        return images, image_labels(1, indices, 5)
+    run = SampleRun(sys.argv[1], {"seed": 1}, 10, 1, (4, 4, 3), True, rank=dist_util.get_rank(),
+                    world_size=dist_util.get_world_size())
+    run_sampling(run, sample_batch, {"note": "test"}, progress=False)
+
+cli_main(main)
+"""
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
+def test_a_failure_on_one_rank_stops_every_rank_with_one_line(tmp_path, clean):
+    folder = tmp_path / "ranks"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", sys.executable, "-c", RANKS_CODE, str(folder), "3"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "image 3 (batch 3)" in errors[0], proc.stderr[-3000:]  # found on rank 1
+    # batches go round by round (0 and 1, then 2 and 3): nothing of image 3, nothing after its round
+    assert sorted(p.name for p in (folder / "shards").glob("shard-*")) == [
+        f"shard-{i:08d}-{i:08d}.npz" for i in range(3)]
+    assert not list(folder.rglob("*.tmp*")) and not folder_lock_file(folder).exists()
+    assert _run(folder).read_bytes() == clean

@@ -210,8 +210,14 @@ def test_npz_to_png_has_one_writer_and_sweeps_partial_folders_of_killed_runs(tmp
     assert not stale.exists() and mine.exists() and not (tmp_path / ".png.lock").exists()
     cut = tmp_path / "cut.npz"
     cut.write_bytes(batch.read_bytes()[:-30])
-    _only_line(run_script("npz_to_png.py", str(cut), str(tmp_path / "png2"), "--no-progress", check=False))
-    assert not (tmp_path / "png2").exists() and not list(tmp_path.glob("png2.tmp*"))
+    flipped = bytearray(batch.read_bytes())
+    flipped[flipped.index(b"\x93NUMPY") + 130] ^= 0xFF  # one damaged byte in the images: a CRC error
+    (tmp_path / "crc.npz").write_bytes(bytes(flipped))
+    for name, expected in (("cut.npz", "not an .npz file"), ("crc.npz", "is damaged (Bad CRC-32")):
+        line = _only_line(run_script("npz_to_png.py", str(tmp_path / name), str(tmp_path / "png2"), "--no-progress",
+                                     check=False))
+        assert expected in line
+        assert not (tmp_path / "png2").exists() and not list(tmp_path.glob("png2.tmp*"))
 
 
 def test_nan_bits_per_dim_are_refused_and_nothing_is_written(tmp_path, bad_models):

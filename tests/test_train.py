@@ -167,11 +167,13 @@ def test_step_and_rates_from_names():
     assert train_util.ema_checkpoint_name(0.9999, 42) == "ema_0.9999_000042.pt"
 
 
-def test_annealed_lr_reaches_zero_and_ends_the_run(tmp_path):
+def test_annealed_lr_decays_with_adms_lag_and_ends_the_run(tmp_path):
+    """ADM sets the rate after each step from the step just taken: lr, lr, lr (1 - 1/N), ..."""
     loop = make_loop(tmp_path, lr=1e-3, lr_anneal_steps=4, max_steps=10)
-    assert [loop.lr_at(s) for s in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert [loop.lr_at(s) for s in range(5)] == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
     loop.run_loop()
     assert loop.step == 4
+    assert loop.opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)  # what a resumed run starts with
 
 
 # -- ADM's override points ------------------------------------------------------------------------
