@@ -61,8 +61,8 @@ def frechet_distance(first: FIDStatistics, second: FIDStatistics, eps: float = 1
 def matrix_sqrt(matrix: np.ndarray) -> np.ndarray:
     """scipy.linalg.sqrtm(matrix): the matrix ADM's ``sqrtm(..., disp=False)[0]`` is, on any SciPy.
 
-    ``disp`` is never passed (SciPy 1.16 deprecates it and 1.18 removes it); it only chose between
-    printing a warning and returning an error estimate besides the same matrix. SciPy's warning
+    ``disp`` is never passed (SciPy 1.16 deprecates it and 1.18 removes it): in every SciPy that has
+    it, it only decides whether an error estimate comes back beside the same matrix. SciPy's warning
     that the matrix is singular or ill-conditioned is suppressed: finiteness is checked by the
     caller, as ADM checks it.
     """

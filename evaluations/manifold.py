@@ -12,13 +12,14 @@ with TensorFlow on a CPU: the features are rounded to float16, the squared norms
 squares summed in float16 in the order of TensorFlow's (Eigen's) x86-64 reduction kernel, the
 products u.v are accumulated in float32 and rounded to float16, and the sum and clamp are float16
 operations. A block in which any of those float16 distances is infinite or NaN (features too
-large for float16) is computed again in float32, again as ADM. Float16 distances are coarse
-(steps of 1/4 to 1/2 around the distances of Inception features), so many samples lie exactly on
-a ball's surface, and this rounding changes precision and recall by about 0.01 compared with
-exact distances. The one part not reproduced bit for bit is the order in which TensorFlow's
-matrix product accumulates in float32 (it depends on its blocking for the machine's caches): it
-rounds about one distance in 10^4 to the neighbouring float16 value. (ADM on a GPU sums the norms
-in float32 and can differ from ADM on a CPU in the same way.)
+large for float16) is computed again in float32, again as ADM. Float16 keeps 11 significant bits,
+so a distance computed from norms in the hundreds moves in steps of 1/4 or more: many samples lie
+exactly on a ball's surface, and precision and recall differ from those of exact distances (by
+0.01 on the evaluator's reference fixture). The one part not reproduced bit for bit is the order
+in which TensorFlow's matrix product accumulates in float32 (its blocking depends on the
+machine): about one distance in 10^4 rounds to the neighbouring float16 value. (ADM's evaluator
+on a GPU runs other kernels, which round differently, so its numbers there can differ from its
+CPU numbers in the same way.)
 
 ``distance_dtype="float32"`` computes every block in float32 instead: the cleaner answer, which
 differs from ADM's for points within float16 round-off of a ball's surface.

@@ -71,8 +71,10 @@ def test_bad_schedule_and_betas_are_refused():
         model_var_type=gd.ModelVarType.FIXED_LARGE,
         loss_type=gd.LossType.MSE,
     )
-    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
         gd.GaussianDiffusion(betas=np.array([0.1, 0.0, 0.2]), **common)
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):  # beta 1 would make alpha_bar 0
+        gd.GaussianDiffusion(betas=np.array([0.1, 0.5, 1.0]), **common)
     with pytest.raises(ValueError, match="at least 2 steps"):
         gd.GaussianDiffusion(betas=np.array([0.1]), **common)
 

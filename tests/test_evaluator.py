@@ -136,7 +136,10 @@ def test_frechet_distance_is_the_same_before_and_after_scipy_1_18(version, monke
         return version(real_sqrtm)(matrix, *args, **kwargs)
 
     monkeypatch.setattr(feature_statistics.linalg, "sqrtm", recording)
-    singular = (FIDStatistics(np.zeros(3), np.diag([1.0, 0.0, 4.0])), FIDStatistics(np.ones(3), np.diag([2.0, 0.0, 1.0])))
+    singular = (
+        FIDStatistics(np.zeros(3), np.diag([1.0, 0.0, 4.0])),
+        FIDStatistics(np.ones(3), np.diag([2.0, 0.0, 1.0])),
+    )
     rng = np.random.default_rng(6)
     regular = (_random_statistics(rng, 12, 40), _random_statistics(rng, 12, 50))
     no_root = (FIDStatistics(np.zeros(2), np.array([[0.0, 1.0], [0.0, 0.0]])), FIDStatistics(np.zeros(2), np.eye(2)))
