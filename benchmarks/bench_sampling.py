@@ -383,7 +383,20 @@ def measure_peaks(device: torch.device) -> list[dict]:
         probe.sample()
     conv1 = dict(dtype="float32 (1x1 conv, oneDNN)", n=4096, tflops=probe.best["conv1x1"], tflops_median=None)
     conv3 = dict(dtype="float32 (3x3 conv, oneDNN)", n=None, tflops=probe.best["conv3x3"], tflops_median=None)
-    return [matmul_peak(device, torch.float32, 2048), conv1, conv3, matmul_peak(device, torch.bfloat16, 2048)]
+    peaks = [matmul_peak(device, torch.float32, 2048), conv1, conv3]
+    if cpu_has_bfloat16_units():  # elsewhere bfloat16 products are emulated: minutes per product, no peak
+        peaks.append(matmul_peak(device, torch.bfloat16, 2048))
+    return peaks
+
+
+def cpu_has_bfloat16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as /proc/cpuinfo says;
+    True where it cannot be told."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def peak_for(peaks: list[dict], precision: str) -> float | None:
@@ -1266,4 +1279,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    su.cli_main(main)

@@ -34,20 +34,26 @@ def compute_activations(
     pool_rows = None
     pool_running, spatial_running = RunningStatistics(), RunningStatistics()
     seen = 0
-    with tqdm(total=num_images, unit="img", desc=desc) as progress:
-        for batch in batches:
-            pool, spatial = model.features(batch)
-            if seen + len(pool) > num_images:
-                raise ValueError(f"got more than the {num_images} images announced")
-            if keep_pool:
-                if pool_rows is None:
-                    pool_rows = np.empty((num_images, pool.shape[1]), dtype=np.float32)
-                pool_rows[seen : seen + len(pool)] = pool
-            if with_statistics:
-                pool_running.add(pool)
-                spatial_running.add(spatial)
-            seen += len(pool)
-            progress.update(len(pool))
+    # Progress is shown on a terminal only (tqdm's disable=None), and a bar is cleared when the run
+    # fails, so that a failure ends in its one error line, not in a half-filled bar.
+    with tqdm(total=num_images, unit="img", desc=desc, disable=None) as progress:
+        try:
+            for batch in batches:
+                pool, spatial = model.features(batch)
+                if seen + len(pool) > num_images:
+                    raise ValueError(f"got more than the {num_images} images announced")
+                if keep_pool:
+                    if pool_rows is None:
+                        pool_rows = np.empty((num_images, pool.shape[1]), dtype=np.float32)
+                    pool_rows[seen : seen + len(pool)] = pool
+                if with_statistics:
+                    pool_running.add(pool)
+                    spatial_running.add(spatial)
+                seen += len(pool)
+                progress.update(len(pool))
+        except BaseException:
+            progress.leave = False
+            raise
     if seen != num_images:
         raise ValueError(f"got {seen} images, expected {num_images}")
     return BatchActivations(

@@ -1,14 +1,14 @@
 """Reading a frozen TensorFlow GraphDef (.pb) into plain Python: nodes, their inputs and attributes.
 
-Two parsers give the same result: TensorFlow's own protobuf classes when TensorFlow is installed,
-and a small reader of the wire format (protobuf_wire.py) when it is not, so that the PyTorch
-backend runs the Inception graph without TensorFlow. Constant tensors are decoded lazily, on first
+Two parsers give the same result (tests/test_evaluator_inception.py compares them): a small
+reader of the wire format (protobuf_wire.py), the default, so that the PyTorch backend runs the
+Inception graph without TensorFlow (and without the seconds importing it takes), and TensorFlow's
+own protobuf classes (parser="tf"). Constant tensors are decoded lazily, on first
 use, because a graph holds many that are never evaluated (e.g. the JPEG decoder's input).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -64,21 +64,23 @@ class Node:
 
 
 def read_graph_def(path, parser: str = "auto") -> dict[str, Node]:
-    """The nodes of the GraphDef file at ``path`` by name; parser is 'auto', 'tf' or 'wire'."""
+    """The nodes of the GraphDef file at ``path`` by name; parser is 'auto' (= 'wire'), 'tf' or 'wire'."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"graph file {path} does not exist")
     if parser == "auto":
-        parser = "tf" if importlib.util.find_spec("tensorflow") is not None else "wire"
+        parser = "wire"
     if parser not in ("tf", "wire"):
         raise ValueError(f"unknown GraphDef parser {parser!r}; use 'auto', 'tf' or 'wire'")
     data = path.read_bytes()
+    if not data:
+        raise ValueError(f"{path} is empty (0 bytes)")
     try:
         nodes = _nodes_from_tf_protos(data) if parser == "tf" else _nodes_from_wire(data)
     except (WireFormatError, UnicodeDecodeError, _protobuf_decode_error()) as exc:
         raise ValueError(f"{path} is not a TensorFlow GraphDef (.pb) file ({exc})") from None
     if not nodes:
-        raise ValueError(f"{path} holds no graph nodes; is it a TensorFlow GraphDef (.pb) file?")
+        raise ValueError(f"{path} holds no graph nodes, so it is not a TensorFlow GraphDef (.pb) file")
     return nodes
 
 

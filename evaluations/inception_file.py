@@ -8,13 +8,21 @@ against that record, and the evaluator's JSON report carries the hash.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
-from guided_diffusion.file_util import atomic_write_text, sha256_file, temp_path_for
+from evaluations.files import (
+    DISK_FULL,
+    atomic_write_text,
+    remove_file,
+    sha256_file,
+    sweep_stale_temporaries,
+    temp_path,
+)
 
 GRAPH_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
 GRAPH_FILENAME = "classify_image_graph_def.pb"
@@ -31,10 +39,14 @@ def locate_inception_graph(inception_path=None, url: str = GRAPH_URL) -> tuple[P
     """(path, sha256) of the graph: ``inception_path`` if given, else the cached copy, downloaded if absent."""
     if inception_path:
         path = Path(inception_path)
+        if path.is_dir():
+            raise ValueError(f"--inception_path {path} is a folder; pass the graph file itself ({GRAPH_FILENAME})")
         if not path.is_file():
-            raise FileNotFoundError(f"Inception graph {path} does not exist; download {url}")
+            raise FileNotFoundError(f"Inception graph {path} does not exist; download {url} to that path")
     else:
         path = cache_dir() / GRAPH_FILENAME
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; remove it so that the Inception graph can be downloaded there")
         if not path.is_file():
             _download(url, path)
     return path, verified_sha256(path)
@@ -45,7 +57,8 @@ def verified_sha256(path: Path) -> str:
     digest = sha256_file(path)
     record = path.with_name(path.name + HASH_SUFFIX)
     if record.is_file():
-        recorded = record.read_text().split()[0]
+        words = record.read_text(errors="replace").split()
+        recorded = words[0] if words else "nothing"
         if digest != recorded:
             raise ValueError(
                 f"{path} has sha256 {digest}, but {recorded} was recorded when it was downloaded; "
@@ -55,26 +68,41 @@ def verified_sha256(path: Path) -> str:
 
 
 def _download(url: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = temp_path_for(path)
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc="Inception graph") as progress:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    progress.update(len(chunk))
-    except OSError as exc:  # urllib's URLError included
-        partial.unlink(missing_ok=True)
-        reason = getattr(exc, "reason", exc)
-        raise FileNotFoundError(
+    """Download ``url`` to ``path`` through a temporary sibling, removed however the download ends."""
+    def failed(reason) -> FileNotFoundError:
+        return FileNotFoundError(
             f"the Inception graph is not at {path} and downloading it failed ({reason}); "
             f"download {url} to that path, or pass --inception_path"
-        ) from None
-    os.replace(partial, path)
+        )
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise failed(f"cannot create the folder {path.parent}: {exc.strerror or exc}") from None
+    sweep_stale_temporaries(path)
+    partial = temp_path(path)
+    digest = hashlib.sha256()
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+                size = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc="Inception graph", disable=None) as progress:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        progress.update(len(chunk))
+                if size is not None and out.tell() != size:
+                    raise failed(f"got {out.tell()} of {size} bytes")
+            os.replace(partial, path)
+        except OSError as exc:  # urllib's URLError included; a full disk too
+            if exc.errno in DISK_FULL:
+                raise failed(f"no space left on the device; free space under {path.parent}") from None
+            raise failed(getattr(exc, "reason", None) or exc.strerror or exc) from None
+        except (http.client.HTTPException, ValueError) as exc:  # a cut connection; a malformed URL
+            raise failed(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        remove_file(partial)
     record = path.with_name(path.name + HASH_SUFFIX)
-    atomic_write_text(record, f"{digest.hexdigest()}  {path.name}\n")
+    atomic_write_text(record, f"{digest.hexdigest()}  {path.name}\n", "the graph's sha256 record")
     print(f"downloaded {path.name}: sha256 {digest.hexdigest()}")
     print(f"(recorded in {record}; later runs check the file against it)")

@@ -76,10 +76,13 @@ def float16_squared_distances(rows: torch.Tensor, cols: torch.Tensor) -> torch.T
     """
     rows16, cols16 = rows.half(), cols.half()
     # Products of float16 values are exact in float32; the sum is accumulated there and rounded once.
-    products = (rows16.float() @ cols16.float().T).half()
+    distances = (rows16.float() @ cols16.float().T).half()
     row_norms = float16_squared_norms(rows16).unsqueeze(1)
     col_norms = float16_squared_norms(cols16).unsqueeze(0)
-    return ((row_norms - 2 * products) + col_norms).clamp_(min=0)  # clamp keeps NaN, as tf.maximum
+    # ((|u|^2 - 2 u.v) + |v|^2) in float16, one rounding per operation, in place: -2 u.v is rounded as
+    # 2 u.v is (it overflows to -inf where 2 u.v does to inf), and |u|^2 + (-2 u.v) as |u|^2 - 2 u.v.
+    distances.mul_(-2).add_(row_norms).add_(col_norms)
+    return distances.clamp_(min=0)  # clamp keeps NaN, as tf.maximum
 
 
 def block_distances(rows: torch.Tensor, cols: torch.Tensor, distance_dtype: str = "float16") -> torch.Tensor:
@@ -89,9 +92,11 @@ def block_distances(rows: torch.Tensor, cols: torch.Tensor, distance_dtype: str 
     """
     _check_distance_dtype(distance_dtype)
     if distance_dtype == "float16":
-        distances = float16_squared_distances(rows, cols)
-        if bool(torch.isfinite(distances).all()):
-            return distances.float()
+        distances = float16_squared_distances(rows, cols).float()
+        # Every value is NaN or in [0, 65504], so the float32 sum is finite exactly when all of them are
+        # (it cannot overflow below 5e33 values); one reduction instead of an isfinite pass.
+        if bool(torch.isfinite(distances.sum())):
+            return distances
     return squared_distances(rows, cols)
 
 

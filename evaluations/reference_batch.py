@@ -10,6 +10,7 @@ running statistics on the way, so memory does not grow with the number of images
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from PIL import Image
 
 from evaluations.activations import compute_activations
 from evaluations.inception import InceptionFeatures
-from evaluations.npz_stream import NpzImages
+from evaluations.files import check_output_file
+from evaluations.manifold import NEIGHBOURHOOD_SIZE
+from evaluations.npz_stream import NpzImages, damaged_file_errors, scan_batch_file
 from guided_diffusion.file_util import NpzWriter
 from guided_diffusion.image_datasets import (
     IMAGE_EXTENSIONS,
@@ -47,10 +50,18 @@ class ZipImages:
 
     def __init__(self, path):
         self.path = path
-        with zipfile.ZipFile(path) as archive:
-            self.names = sorted(
-                name for name in archive.namelist() if name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
-            )
+        if Path(path).stat().st_size == 0:
+            raise ValueError(f"{path} is empty (0 bytes); re-create or re-download it")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                self.names = sorted(
+                    name for name in archive.namelist() if name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
+                )
+        except zipfile.BadZipFile:
+            raise ValueError(
+                f"{path} is not a zip file, or is truncated (it has no readable zip directory); "
+                "re-create or re-download it"
+            ) from None
         if not self.names:
             raise ValueError(f"no .{', .'.join(IMAGE_EXTENSIONS)} images found in {path}")
 
@@ -58,7 +69,7 @@ class ZipImages:
         return len(self.names)
 
     def images(self, indices):
-        with zipfile.ZipFile(self.path) as archive:
+        with damaged_file_errors(self.path), zipfile.ZipFile(self.path) as archive:
             for index in indices:
                 with archive.open(self.names[index]) as member:
                     yield _read_rgb(member, f"{self.path}:{self.names[index]}")
@@ -71,6 +82,7 @@ class NpzBatchImages:
         self.path = path
         with NpzImages(path) as images:
             self.count = len(images)
+        scan_batch_file(path)  # a damaged member is refused now, not after the Inception work
 
     def __len__(self) -> int:
         return self.count
@@ -94,8 +106,8 @@ def _read_rgb(file, name) -> Image.Image:
     try:
         with Image.open(file) as image:
             return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot read image {name}: {exc}") from None
+    except (OSError, Image.DecompressionBombError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise ValueError(f"cannot read image {name}: {exc or type(exc).__name__}; repair or remove it") from None
 
 
 def open_image_source(path):
@@ -126,14 +138,18 @@ def plan_reference_batch(source, output, image_size: int, num_images: int = 0, s
     output = Path(output)
     if output.suffix != ".npz":
         raise ValueError(f"the reference batch must be an .npz file, got {output}")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"output folder {output.parent} does not exist")
+    if not output.parent.exists():
+        raise FileNotFoundError(f"output folder {output.parent} does not exist; create it or choose another OUTPUT")
+    check_output_file(output, "the reference batch", "OUTPUT")
     if image_size < 1:
         raise ValueError(f"image size must be positive, got {image_size}")
     images = open_image_source(source)
     indices = choose_indices(len(images), num_images, seed)
-    if len(indices) < 2:
-        raise ValueError(f"a reference batch needs at least 2 images, the source has {len(indices)}")
+    if len(indices) <= NEIGHBOURHOOD_SIZE:
+        raise ValueError(
+            f"a reference batch needs at least {NEIGHBOURHOOD_SIZE + 1} images (precision and recall compare each "
+            f"image with its {NEIGHBOURHOOD_SIZE} nearest neighbours); the source gives {len(indices)}"
+        )
     return ReferencePlan(images, indices, output, image_size)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from guided_diffusion.file_util import atomic_write_text
+from evaluations.files import atomic_write_text
 
 METRIC_NAMES = {
     "inception_score": "Inception Score",
@@ -32,4 +32,6 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path) -> None:
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    """Write the results all or nothing; a failure (a full disk) says that they were printed."""
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write_text(path, text, "the JSON results", "the numbers printed above were not saved")

@@ -36,9 +36,12 @@ class TensorFlowInception:
         graph_path = Path(graph_path)
         if not graph_path.is_file():
             raise FileNotFoundError(f"graph file {graph_path} does not exist")
+        data = graph_path.read_bytes()
+        if not data:
+            raise ValueError(f"{graph_path} is empty (0 bytes)")
         graph_def = tf.compat.v1.GraphDef()
         try:
-            graph_def.ParseFromString(graph_path.read_bytes())
+            graph_def.ParseFromString(data)
         except Exception as exc:  # protobuf's DecodeError; its module path varies by version
             raise ValueError(f"{graph_path} is not a TensorFlow GraphDef (.pb) file ({exc})") from None
         check_inception_graph({node.name for node in graph_def.node}, graph_path)

@@ -9,7 +9,9 @@
    exposure-bias plots (delta_t and epsilon norms).
 
 Every image is a function of (seed, index) alone, so a rerun reproduces every number; lambda
-evaluations are cached in the output folder, so an interrupted run resumes.
+evaluations are cached in the output folder, so an interrupted run resumes its search (the scoring
+that follows is recomputed, to the same numbers). Settings are checked before anything is written;
+one run at a time per output folder; every file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .checkpoints import load_model_weights
 from .digit_features import digit_features, load_digit_features
 from .digits import digits_arrays
 from .eps_scaling import EpsScale
-from .file_util import atomic_write_figure, atomic_write_text
+from .errors import UsageError
+from .file_util import atomic_write_figure, atomic_write_text, folder_lock_file, locked
 from .lambda_search import EvaluationCache, LambdaSearch, calibrate_eps_scale, frechet_score
 from .sample_io import dequantize, quantize
 from .sampling import batch_sampler
@@ -40,6 +43,7 @@ from .script_util import (
     diffusion_from_flags,
     load_config,
     model_and_diffusion_defaults,
+    output_folder,
 )
 
 SEARCH_SEED = 100  # lambda is chosen on this seed; the table is scored on others
@@ -139,6 +143,8 @@ def write_grid(baseline: np.ndarray, scaled: np.ndarray, path: Path, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    columns = max(1, min(columns, len(baseline), len(scaled)))  # a run of fewer samples than columns too
+
     def mosaic(images):
         n = len(images) // columns * columns
         framed = np.pad(images[:n], ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=128)  # grey gaps
@@ -155,17 +161,47 @@ def write_grid(baseline: np.ndarray, scaled: np.ndarray, path: Path, title: str,
     atomic_write_figure(fig, path, dpi=100)
 
 
+def check_demo_settings(num_samples, batch_size, seeds, steps, search_steps, guidance_scale, cond_steps) -> None:
+    """Refuse, in one line and before anything is computed or written, settings the demo cannot run."""
+    if num_samples < 2:
+        raise UsageError(f"--num_samples must be at least 2 (a Frechet distance needs two), got {num_samples}")
+    if batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {batch_size}")
+    if not seeds:
+        raise UsageError("--seeds needs at least one seed, e.g. 0,1,2")
+    total = min(int(load_config(name)["flags"]["diffusion_steps"]) for name in ("digits_uncond", "digits_cond"))
+    for flag, counts in (("--steps", steps), ("--cond_steps", cond_steps), ("--search_steps", (search_steps,))):
+        if not counts:
+            raise UsageError(f"{flag} needs at least one step count, e.g. 10,20")
+        for count in counts:
+            if not 1 <= count <= total:
+                raise UsageError(f"{flag} {count}: each step count must be between 1 and {total} "
+                                 "(the shipped models' diffusion steps)")
+    if not guidance_scale >= 0:
+        raise UsageError(f"--guidance_scale must be >= 0, got {guidance_scale}")
+
+
 def run_demo(output_dir="results/digits", num_samples=400, batch_size=400, seeds=(0, 1, 2),
              steps=(10, 20, 50), search_steps=20, guidance_scale=2.0, progress=True, log=print,
              cond_steps=(10, 20)) -> dict:
     """``steps`` are scored for the unconditional model, ``cond_steps`` for the class-conditional one
     (fewer, to keep the whole run within 10 minutes on 2 cores)."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_demo_settings(num_samples, batch_size, seeds, steps, search_steps, guidance_scale, cond_steps)
+    out = output_folder(str(output_dir), "results/digits")
+    with locked(folder_lock_file(out), f"output folder {out}", "wait for it to finish or choose another --output_dir"):
+        return _run_demo(out, num_samples, batch_size, seeds, steps, search_steps, guidance_scale, progress, log,
+                         cond_steps)
+
+
+def _run_demo(out, num_samples, batch_size, seeds, steps, search_steps, guidance_scale, progress, log, cond_steps):
     started = time.time()
     bench = DigitsBench(num_samples, batch_size)
-    cache = EvaluationCache(out / "lambda_cache.json", {"model": "digits_uncond", "steps": search_steps,
-                                                         "num_samples": num_samples, "metric": "digit_fd"})
+    try:
+        cache = EvaluationCache(out / "lambda_cache.json", {"model": "digits_uncond", "steps": search_steps,
+                                                             "num_samples": num_samples, "metric": "digit_fd"})
+    except ValueError as exc:  # the cache's own advice names a flag the demo does not have
+        raise UsageError(f"{str(exc).split(';')[0]}; choose another --output_dir, or delete that file to "
+                         "search afresh") from None
 
     def metric(schedule, seed):
         return bench.fd(bench.sample("digits_uncond", search_steps, schedule, seed)[0])

@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import weights_only_refusal
+from .checkpoints import load_state_dict, weights_only_refusal
 from .edm_networks import build_edm_network
-from .file_util import atomic_write_text, sha256_file, temp_path_for
+from .errors import UsageError
+from .file_util import atomic_write_text, sha256_file, temp_path_for, writing
 
 __all__ = [
     "EDMPickleError", "PersistentRecord", "ModuleRecord", "RestrictedUnpickler", "load_edm_pickle",
@@ -251,8 +252,12 @@ def load_edm_pickle(source):
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if path.is_dir():
+            raise EDMPickleError(f"EDM pickle {path} is a folder; pass the network .pkl file")
         if not path.is_file():
             raise FileNotFoundError(f"EDM pickle {path} does not exist; download it or check the path")
+        if path.stat().st_size == 0:
+            raise EDMPickleError(f"EDM pickle {path} is empty (0 bytes): a download cut short; fetch it again")
         try:
             with open(path, "rb") as f:
                 return load_edm_pickle(f)
@@ -360,6 +365,29 @@ def _config_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
+def read_network_config(config_file) -> dict:
+    """The JSON config written beside a converted network; an empty, cut or foreign file is one line."""
+    config_file = Path(config_file)
+    redo = "convert the pickle again with scripts/convert_edm_pkl.py"
+    try:
+        text = config_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EDMPickleError(f"cannot read {config_file} ({getattr(exc, 'strerror', None) or exc}); {redo}") from None
+    if not text.strip():
+        raise EDMPickleError(f"{config_file} is empty (0 bytes): a write or copy cut short; {redo}")
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise EDMPickleError(f"{config_file} is not complete JSON ({exc}): a write or copy cut short; {redo}") from None
+    if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
+        raise EDMPickleError(f"{config_file} is not an EDM network config ({CONFIG_FORMAT})")
+    if not isinstance(config.get("class_name"), str) or not isinstance(config.get("init_kwargs"), dict):
+        raise EDMPickleError(f"{config_file} lacks class_name or init_kwargs; {redo}")
+    if not isinstance(config.get("attributes", {}), dict):
+        raise EDMPickleError(f"{config_file} has attributes that are not a mapping; {redo}")
+    return config
+
+
 def load_edm_network(path, key: str = "ema") -> tuple[torch.nn.Module, dict]:
     """An EDM denoiser from a released ``.pkl`` or a converted ``.safetensors`` (+ ``.json``).
 
@@ -368,20 +396,18 @@ def load_edm_network(path, key: str = "ema") -> tuple[torch.nn.Module, dict]:
     reports those).
     """
     path = Path(path)
+    if path.is_dir():
+        raise EDMPickleError(f"EDM network {path} is a folder; pass the .pkl or the converted .safetensors")
     if not path.is_file():
         raise FileNotFoundError(f"EDM network {path} does not exist; check the path")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         config_file = _config_path(path)
         if not config_file.is_file():
             raise FileNotFoundError(
                 f"{config_file} is missing: a converted EDM network needs the JSON written beside it"
             )
-        config = json.loads(config_file.read_text())
-        if not isinstance(config, dict) or config.get("format") != CONFIG_FORMAT:
-            raise EDMPickleError(f"{config_file} is not an EDM network config ({CONFIG_FORMAT})")
-        return _network_from_config(config, load_file(str(path)), str(path)), config
+        config = read_network_config(config_file)
+        return _network_from_config(config, load_state_dict(path), str(path)), config
     record = network_record(load_edm_pickle(path), key)
     config = _pickle_config(record)
     return _network_from_config(config, record_state_dict(record), str(path)), config
@@ -398,18 +424,38 @@ def convert_edm_pickle(pkl_path, out_path, key: str = "ema") -> Path:
     pkl_path, out_path = Path(pkl_path), Path(out_path)
     if out_path.suffix != ".safetensors":
         raise ValueError(f"output {out_path} must end in .safetensors")
+    if out_path.is_dir():
+        raise UsageError(f"output {out_path} is a folder; name the .safetensors file to write")
     record = network_record(load_edm_pickle(pkl_path), key)
     config = _pickle_config(record)
     state = record_state_dict(record)
     _network_from_config(config, state, str(pkl_path))  # refuse a file our networks cannot run
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    config.update(source=pkl_path.name, source_sha256=sha256_file(pkl_path), source_key=key)
-    # The config first: a .safetensors on disk then always has its config beside it.
-    atomic_write_text(_config_path(out_path), json.dumps(config, indent=1, sort_keys=True))
-    tmp = temp_path_for(out_path)
     try:
-        save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        in_the_way = next((p for p in (out_path.parent, *out_path.parent.parents) if p.is_file()), None)
+        why = f"{in_the_way} is a file" if in_the_way is not None else (exc.strerror or str(exc))
+        raise UsageError(f"cannot create the folder {out_path.parent} ({why}); choose another --output") from None
+    config.update(source=pkl_path.name, source_sha256=sha256_file(pkl_path), source_key=key)
+    # The tensors to a temporary file first, then the config, then the rename: a .safetensors on
+    # disk always has its config beside it, and a failure leaves the earlier pair (or nothing).
+    tmp = temp_path_for(out_path)
+    config_file = _config_path(out_path)
+    had_config = config_file.exists()
+    try:
+        with writing(out_path):
+            try:
+                save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp))
+            except OSError:
+                raise
+            except Exception as exc:  # safetensors reports an OS refusal as its own error
+                raise OSError(getattr(exc, "errno", None), str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+            atomic_write_text(config_file, json.dumps(config, indent=1, sort_keys=True))
+            os.replace(tmp, out_path)
+    except OSError as exc:
+        if not had_config and not out_path.exists():
+            config_file.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {out_path} ({exc.strerror or exc}); choose another --output") from None
     finally:
         tmp.unlink(missing_ok=True)
     return out_path

@@ -16,13 +16,20 @@ system temp dir. A process of rank r > 0 adds ``-rank{r:03d}`` to the suffix and
 only its ``log`` ($OPENAI_LOG_FORMAT_MPI); rank 0 writes ``stdout,log,csv``. With ``comm`` (an MPI
 communicator), ``dumpkvs`` averages each key over the ranks, weighted by how often each rank logged it.
 
-One difference from ADM: before ``configure`` is called, the logger writes to stdout only and
-``get_dir()`` is None (ADM would create a folder in the temp dir on first use).
+Differences from ADM: before ``configure`` is called, the logger writes to stdout only and
+``get_dir()`` is None (ADM would create a folder in the temp dir on first use). An empty ``dir`` or
+$OPENAI_LOGDIR counts as not given. ``configure(..., append=True)`` continues the files already in
+the folder (a resumed training run keeps its history; ADM truncates them): text and JSON lines are
+appended, a CSV keeps its header and grows it, a row cut short by a kill or a full disk is dropped.
+A CSV whose header grows is rewritten to a temporary file and renamed, so a kill never loses the
+earlier rows. A file that cannot be written (a full disk, a folder that is not writable) is one
+UsageError line naming it.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
 import json
 import os
@@ -34,6 +41,9 @@ import time
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
+
+from .errors import UsageError
+from .file_util import disk_full_error, temp_path_for, writing
 
 DEBUG = 10
 INFO = 20
@@ -67,11 +77,13 @@ class SeqWriter:
 class HumanOutputFormat(KVWriter, SeqWriter):
     """Readable tables and text, to a file name (opened for writing) or an open text stream."""
 
-    def __init__(self, filename_or_file):
+    def __init__(self, filename_or_file, append=False):
         if isinstance(filename_or_file, (str, os.PathLike)):
-            self.file = open(filename_or_file, "wt")
+            self.path = os.fspath(filename_or_file)
+            self.file = _open_text(self.path, append)
             self.own_file = True
         else:
+            self.path = None
             if not hasattr(filename_or_file, "write"):
                 raise TypeError(f"HumanOutputFormat needs a file name or a writable stream, got {filename_or_file!r}")
             self.file = filename_or_file
@@ -92,19 +104,26 @@ class HumanOutputFormat(KVWriter, SeqWriter):
         for key, value in sorted(cells.items(), key=lambda item: item[0].lower()):
             rows.append(f"| {key.ljust(key_width)} | {value.ljust(value_width)} |")
         rows.append(rule)
-        self.file.write("\n".join(rows) + "\n")
-        self.file.flush()
+        self._write("\n".join(rows) + "\n")
 
     def _truncate(self, s):
         return s if len(s) <= _MAX_CELL else s[: _MAX_CELL - 3] + "..."
 
     def writeseq(self, seq):
-        self.file.write(" ".join(seq) + "\n")
-        self.file.flush()
+        self._write(" ".join(seq) + "\n")
+
+    def _write(self, text):
+        if self.path is None:
+            self.file.write(text)
+            self.file.flush()
+            return
+        with writing(self.path):
+            self.file.write(text)
+            self.file.flush()
 
     def close(self):
         if self.own_file:
-            self.file.close()
+            _close_quietly(self.file)
 
 
 class _CurrentStdout:
@@ -128,42 +147,156 @@ def _plain(value):
 class JSONOutputFormat(KVWriter):
     """One JSON object per row (JSON lines)."""
 
-    def __init__(self, filename):
-        self.file = open(filename, "wt")
+    def __init__(self, filename, append=False):
+        self.path = os.fspath(filename)
+        if append:
+            _drop_partial_line(self.path)  # a cut JSON line would not parse
+        self.file = _open_text(self.path, append, mode="at" if append else None)
 
     def writekvs(self, kvs):
-        self.file.write(json.dumps({key: _plain(value) for key, value in kvs.items()}) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps({key: _plain(value) for key, value in kvs.items()}) + "\n")
+            self.file.flush()
 
     def close(self):
-        self.file.close()
+        _close_quietly(self.file)
 
 
 class CSVOutputFormat(KVWriter):
-    """A CSV table whose header grows as new keys appear (earlier rows are padded with empty cells)."""
+    """A CSV table whose header grows as new keys appear (earlier rows are padded with empty cells).
 
-    def __init__(self, filename):
-        self.file = open(filename, "w+t")
+    With ``append``, an existing file is continued: its header gives the keys, a last row cut short
+    is dropped. A growing header rewrites the file through a temporary file and a rename.
+    """
+
+    def __init__(self, filename, append=False):
+        self.path = os.fspath(filename)
         self.keys = []
         self.sep = ","
+        if append:
+            _drop_partial_line(self.path)
+            try:
+                with open(self.path, "rt") as f:
+                    header = f.readline().rstrip("\n")
+            except FileNotFoundError:
+                header = ""
+            except OSError as exc:
+                raise _unwritable(self.path, exc) from None
+            self.keys = header.split(self.sep) if header else []
+        self.file = _open_text(self.path, append, mode="a+t" if append else "w+t")
 
     def writekvs(self, kvs):
         new_keys = sorted(set(kvs) - set(self.keys))
         if new_keys:
-            self.keys.extend(new_keys)
-            self.file.seek(0)
-            old_lines = self.file.read().splitlines()[1:]  # every row but the old header
-            self.file.seek(0)
-            self.file.truncate()
-            self.file.write(self.sep.join(self.keys) + "\n")
-            for line in old_lines:
-                self.file.write(line + self.sep * len(new_keys) + "\n")
+            self._grow_header(new_keys)
         cells = ["" if kvs.get(k) is None else str(kvs[k]) for k in self.keys]
-        self.file.write(self.sep.join(cells) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(self.sep.join(cells) + "\n")
+            self.file.flush()
+
+    def _grow_header(self, new_keys):
+        """The file with ``new_keys`` added to the header and every earlier row padded, replaced whole."""
+        self.file.seek(0)
+        old_lines = self.file.read().splitlines()[1:]  # every row but the old header
+        keys = self.keys + new_keys
+        text = self.sep.join(keys) + "\n" + "".join(line + self.sep * len(new_keys) + "\n" for line in old_lines)
+        tmp = temp_path_for(self.path)
+        try:
+            with writing(self.path):
+                with open(tmp, "wt") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.keys = keys
+        _close_quietly(self.file)
+        self.file = _open_text(self.path, True, mode="a+t")
 
     def close(self):
-        self.file.close()
+        _close_quietly(self.file)
+
+
+def _make_log_dir(folder) -> None:
+    """Create the log folder, or say in one line why it cannot be."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"log folder {folder} is a file, not a folder; choose another log folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise disk_full_error(folder) from None
+        raise UsageError(f"cannot create the log folder {folder} ({exc.strerror or exc}); "
+                         "choose a writable log folder") from None
+
+
+def _unwritable(path, exc: OSError) -> UsageError:
+    """A log file the OS refuses, as one line (a full disk says so)."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return disk_full_error(path)
+    return UsageError(f"cannot write the log file {path} ({exc.strerror or exc}); choose a writable log folder")
+
+
+def _open_text(path, append, mode=None):
+    """``path`` opened for writing text: emptied (ADM's), or continued after its last complete line."""
+    if append and mode is None:
+        _end_with_newline(path)
+    try:
+        return open(path, mode or ("at" if append else "wt"))
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+
+
+def _end_with_newline(path) -> None:
+    """A text file that a kill or a full disk cut in the middle of a line ends that line."""
+    try:
+        with open(path, "rb+") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    with writing(path):
+                        f.write(b"\n")
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+
+
+def _drop_partial_line(path, chunk: int = 1 << 16) -> None:
+    """Remove a last line without its newline (a row a kill or a full disk cut short)."""
+    try:
+        with open(path, "rb+") as f:
+            end = f.seek(0, os.SEEK_END)
+            if not end:
+                return
+            f.seek(end - 1)
+            if f.read(1) == b"\n":
+                return
+            pos = end
+            while pos > 0:
+                start = max(0, pos - chunk)
+                f.seek(start)
+                block = f.read(pos - start)
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    f.truncate(start + cut + 1)
+                    return
+                pos = start
+            f.truncate(0)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+
+
+def _close_quietly(file) -> None:
+    """Close a log file; a flush that a full disk refuses at exit must not hide the error that ended the run."""
+    try:
+        file.close()
+    except OSError:
+        pass
 
 
 # -- TensorBoard event files, without TensorFlow ----------------------------------------------------
@@ -239,15 +372,22 @@ class TensorBoardOutputFormat(KVWriter):
     """Every row as TensorBoard scalars at steps 1, 2, 3, ... in ``dir``/events.out.tfevents.*."""
 
     def __init__(self, dir):
-        os.makedirs(dir, exist_ok=True)
+        _make_log_dir(dir)
         self.dir = dir
         self.step = 1
         # the name TensorFlow's EventsWriter gives a file of prefix "events" (TensorBoard looks for "tfevents")
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
         self.path = os.path.join(os.path.abspath(dir), name)
-        self.writer = open(self.path, "ab")
-        self.writer.write(_record(_event_bytes(time.time(), 0, file_version="brain.Event:2")))
-        self.writer.flush()
+        try:
+            self.writer = open(self.path, "ab")
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
+        self._write(_record(_event_bytes(time.time(), 0, file_version="brain.Event:2")))
+
+    def _write(self, data: bytes):
+        with writing(self.path):
+            self.writer.write(data)
+            self.writer.flush()
 
     def writekvs(self, kvs):
         scalars = []
@@ -256,23 +396,23 @@ class TensorBoardOutputFormat(KVWriter):
                 scalars.append((key, float(value)))
             except (TypeError, ValueError):
                 continue  # TensorBoard scalars are numbers; text stays in the other outputs
-        self.writer.write(_record(_event_bytes(time.time(), self.step, scalars=scalars)))
-        self.writer.flush()
+        self._write(_record(_event_bytes(time.time(), self.step, scalars=scalars)))
         self.step += 1
 
     def close(self):
         if self.writer:
-            self.writer.close()
+            _close_quietly(self.writer)
             self.writer = None
 
 
-def make_output_format(format, ev_dir, log_suffix=""):
-    """The output called ``format`` (stdout, log, json, csv, tensorboard), writing into ``ev_dir``."""
-    os.makedirs(ev_dir, exist_ok=True)
+def make_output_format(format, ev_dir, log_suffix="", append=False):
+    """The output called ``format`` (stdout, log, json, csv, tensorboard), writing into ``ev_dir``;
+    ``append`` continues the file already there instead of emptying it."""
+    _make_log_dir(ev_dir)
     files = {
-        "log": lambda: HumanOutputFormat(os.path.join(ev_dir, f"log{log_suffix}.txt")),
-        "json": lambda: JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json")),
-        "csv": lambda: CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv")),
+        "log": lambda: HumanOutputFormat(os.path.join(ev_dir, f"log{log_suffix}.txt"), append=append),
+        "json": lambda: JSONOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.json"), append=append),
+        "csv": lambda: CSVOutputFormat(os.path.join(ev_dir, f"progress{log_suffix}.csv"), append=append),
         "tensorboard": lambda: TensorBoardOutputFormat(os.path.join(ev_dir, f"tb{log_suffix}")),
         "stdout": lambda: HumanOutputFormat(_STDOUT),
     }
@@ -475,20 +615,22 @@ def mpi_weighted_mean(comm, local_name2valcount):
     return {key: sums[key] / counts[key] for key in sums}
 
 
-def configure(dir=None, format_strs=None, comm=None, log_suffix="", *, rank=None):
+def configure(dir=None, format_strs=None, comm=None, log_suffix="", *, rank=None, append=False):
     """Send the log to ``dir`` (created) through the outputs named in ``format_strs``.
 
-    ``dir`` defaults to $OPENAI_LOGDIR, else a new time-stamped folder in the temp dir;
-    ``format_strs`` to $OPENAI_LOG_FORMAT (``stdout,log,csv``) on rank 0 and to
-    $OPENAI_LOG_FORMAT_MPI (``log``) on the others, whose file names get ``-rank{rank:03d}``.
-    ``rank`` (this package's addition) overrides the rank read from the launcher's environment.
+    ``dir`` defaults to $OPENAI_LOGDIR, else a new time-stamped folder in the temp dir (an empty
+    string counts as not given); ``format_strs`` to $OPENAI_LOG_FORMAT (``stdout,log,csv``) on
+    rank 0 and to $OPENAI_LOG_FORMAT_MPI (``log``) on the others, whose file names get
+    ``-rank{rank:03d}``. ``rank`` (this package's addition) overrides the rank read from the
+    launcher's environment; ``append`` (also an addition) continues the files already in ``dir``.
+    A folder or file that cannot be written is one UsageError line.
     """
-    if dir is None:
-        dir = os.getenv("OPENAI_LOGDIR")
+    if not dir:
+        dir = os.getenv("OPENAI_LOGDIR") or None
     if dir is None:
         dir = os.path.join(tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))
     dir = os.path.expanduser(os.fspath(dir))
-    os.makedirs(dir, exist_ok=True)
+    _make_log_dir(dir)
     if rank is None:
         rank = _process_rank()
     if rank > 0:
@@ -498,7 +640,15 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix="", *, rank=None
             format_strs = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
         else:
             format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
-    output_formats = [make_output_format(f, dir, log_suffix) for f in format_strs if f]
+    output_formats = []
+    try:
+        for f in format_strs:
+            if f:
+                output_formats.append(make_output_format(f, dir, log_suffix, append=append))
+    except BaseException:
+        for output in output_formats:
+            output.close()
+        raise
     if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
         Logger.CURRENT.close()
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)
@@ -532,7 +682,11 @@ def scoped_configure(dir=None, format_strs=None, comm=None, log_suffix="", *, ra
     """configure() for the duration of a ``with`` block; the previous logger is restored after it."""
     previous = Logger.CURRENT
     Logger.CURRENT = None  # so that configure() does not close the logger it will restore
-    configure(dir=dir, format_strs=format_strs, comm=comm, log_suffix=log_suffix, rank=rank)
+    try:
+        configure(dir=dir, format_strs=format_strs, comm=comm, log_suffix=log_suffix, rank=rank)
+    except BaseException:
+        Logger.CURRENT = previous
+        raise
     try:
         yield
     finally:

@@ -108,10 +108,11 @@ def diffusion_training_defaults():
         fp16_scale_growth=1e-3,
         use_bf16=False,
         input_perturbation=0.0,
-        max_steps=0,
+        max_steps=-1,  # the step at which the run ends; 0: no step at all, -1: no limit
         seed=0,
         log_dir="",
         allow_incomplete_resume=False,
+        skip_bad_images=False,  # leave out unreadable images (counted) instead of refusing the data
     )
 
 
@@ -136,6 +137,7 @@ def classifier_training_defaults():
         seed=0,
         log_dir="",
         allow_incomplete_resume=False,
+        skip_bad_images=False,  # leave out unreadable images (counted) instead of refusing the data
     )
 
 

@@ -24,12 +24,15 @@ ema_{rate}_{step:06d}.pt and opt{step:06d}.pt, plain ``torch.save`` state_dicts.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
+import datetime
 import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +46,7 @@ from tqdm.auto import tqdm
 from . import dist_util, logger
 from .checkpoints import check_fits, load_state_dict
 from .errors import UsageError
-from .file_util import atomic_write_text, temp_path_for, writing
+from .file_util import acquire_lock, atomic_write_text, folder_lock_file, release_lock, temp_path_for, writing
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer, get_param_groups_and_shapes
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -138,20 +141,36 @@ class _HashingWriter:
         self.digest = hashlib.sha256()
         self.size = 0
 
+        self.error = None  # the OS's refusal of a write (torch.save reports it as its own RuntimeError)
+
     def write(self, data):
         self.digest.update(data)
         self.size += len(data)
-        return self.file.write(data)
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def flush(self):
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def _save_hashed(obj, path) -> tuple[int, str]:
-    """torch.save ``obj`` to ``path``, flushed to disk; return (bytes, sha256) of what was written."""
+    """torch.save ``obj`` to ``path``, flushed to disk; return (bytes, sha256) of what was written.
+    A write the OS refuses (a full disk) is raised as that OSError, whatever torch made of it."""
     with open(path, "wb") as f:
         writer = _HashingWriter(f)
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except Exception:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     return writer.size, writer.digest.hexdigest()
@@ -298,8 +317,18 @@ def latest_complete_checkpoint(folder, ema_rates=(), with_optimizer: bool = True
 
 
 def _unreadable(path, what, exc) -> UsageError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return UsageError(f"{path} is not a readable {what} ({first[:160]})")
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    if empty:
+        return UsageError(f"{path} is empty (0 bytes), not a readable {what}: a save or copy cut short")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    if " " not in first:  # KeyError('101') and the like say nothing by themselves
+        first = f"{type(exc).__name__}: {first}"
+    if isinstance(exc, (EOFError, OSError)) or "zip archive" in first or "central directory" in first:
+        return UsageError(f"{path} is truncated or damaged, not a readable {what} ({first})")
+    return UsageError(f"{path} is not a readable {what} ({first})")
 
 
 def _load_tensors(path, what: str):
@@ -377,6 +406,23 @@ class _ResumeState:
     opt: dict | None
 
 
+# -- step limits ----------------------------------------------------------------------------------
+
+
+def limit_reached_note(step: int, resumed_from: str, end: int, flag: str) -> str:
+    """The one line of a run that has no step to take (it ends normally, with status 0)."""
+    if not resumed_from:
+        return f"{flag} {end}: the run ends at step {end}, before its first step; nothing was trained or saved"
+    return (f"nothing to train: {resumed_from} is step {step}, where {flag} {end} ends the run; "
+            f"raise {flag} to train further")
+
+
+def past_limit_refusal(step: int, resumed_from: str, end: int, flag: str) -> str:
+    """Why a run that would resume beyond its own end is refused."""
+    return (f"{resumed_from} is step {step}, past the end that {flag} {end} sets; pass {flag} above {step} "
+            "to train further, or resume from an earlier set")
+
+
 # -- the loops ------------------------------------------------------------------------------------
 
 
@@ -444,7 +490,7 @@ class _TrainLoopBase:
         initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
         weight_decay=0.0,
         lr_anneal_steps=0,
-        max_steps=0,
+        max_steps=None,
         seed=None,
         checkpoint_dir=None,
         allow_incomplete_resume=False,
@@ -456,9 +502,12 @@ class _TrainLoopBase:
         for name, value in (("log_interval", log_interval), ("save_interval", save_interval)):
             if value < 1:
                 raise UsageError(f"--{name} must be at least 1, got {value}")
-        for name, value in (("lr_anneal_steps", lr_anneal_steps), ("max_steps", max_steps)):
-            if value < 0:
-                raise UsageError(f"--{name} must be >= 0 (0: no limit), got {value}")
+        if lr_anneal_steps < 0:
+            raise UsageError(f"{self.LR_ANNEAL_FLAG} must be >= 0 (0: no annealing, no end), got {lr_anneal_steps}")
+        if max_steps == -1:
+            max_steps = None
+        if max_steps is not None and max_steps < 0:
+            raise UsageError(f"{self.MAX_STEPS_FLAG} must be >= 0 (-1: no limit), got {max_steps}")
         self.model = model
         self.data = data
         self.batch_size = batch_size
@@ -489,6 +538,9 @@ class _TrainLoopBase:
         self.resume_step = 0  # steps behind the checkpoint this run resumed from
         self._resume = None
         self._load_and_sync_parameters()
+        end = self.end_step()
+        if end is not None and self.resume_step > end:
+            raise UsageError(past_limit_refusal(self.resume_step, self._resume_source(), *self._binding_limit()))
         self.last_saved_step = self.resume_step if self._resume is not None and self._resume.from_training else None
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model,
@@ -533,6 +585,7 @@ class _TrainLoopBase:
         """
         path = find_resume_checkpoint() or self.resume_checkpoint
         if path:
+            self._resumed_from = str(path)
             self._resume = self._read_resume_set(str(path))
             self.resume_step = self._resume.step
             self.model.load_state_dict(self._resume.model)
@@ -558,7 +611,7 @@ class _TrainLoopBase:
             logger.log(f"{name} has no step in its name: starting at step 0 from its weights (fine-tuning)")
             return _ResumeState(path, 0, False, state_dict, {r: None for r in self.ema_rate}, None)
 
-        status = check_checkpoint_set(path, self.ema_rate)
+        status = self._resume_status = check_checkpoint_set(path, self.ema_rate)
         unusable = set(status.missing) | set(status.damaged)
         if name in status.damaged:
             raise UsageError(
@@ -613,7 +666,8 @@ class _TrainLoopBase:
             return _load_tensors(path, what)
         except UsageError as exc:
             if not self.allow_incomplete_resume:
-                raise UsageError(f"{exc}; or pass {ALLOW_INCOMPLETE_FLAG} to continue without it") from None
+                hint = self._complete_set_hint(self._resume_status)
+                raise UsageError(f"{exc}; {hint}, or pass {ALLOW_INCOMPLETE_FLAG} to continue without it") from None
             logger.warn(f"{exc}: continuing without it")
             return None
 
@@ -643,16 +697,42 @@ class _TrainLoopBase:
 
     # -- the loop -------------------------------------------------------------------------------
 
+    # the flags that set the step limits, as the script that runs the loop names them
+    MAX_STEPS_FLAG = "--max_steps"
+    LR_ANNEAL_FLAG = "--lr_anneal_steps"
+
+    def step_limits(self) -> list[tuple[int, str]]:
+        """(step at which the run ends, the flag that says so) for each limit: --max_steps (None and
+        -1: none; 0: no step at all) and --lr_anneal_steps (0: none, as in ADM)."""
+        limits = []
+        if self.max_steps is not None and self.max_steps >= 0:
+            limits.append((self.max_steps, self.MAX_STEPS_FLAG))
+        if self.lr_anneal_steps:
+            limits.append((self.lr_anneal_steps, self.LR_ANNEAL_FLAG))
+        return limits
+
+    def _resume_source(self) -> str:
+        return getattr(self, "_resumed_from", None) or self.resume_checkpoint or "the resumed checkpoint"
+
+    def _binding_limit(self) -> tuple[int, str]:
+        return min(self.step_limits())
+
     def end_step(self):
         """The step at which the run stops (None: never)."""
-        limits = [n for n in (self.lr_anneal_steps, self.max_steps) if n]
-        return min(limits) if limits else None
+        limits = self.step_limits()
+        return min(limits)[0] if limits else None
 
     def run_loop(self):
         end = self.end_step()
+        if end is not None and self.completed_steps >= end:
+            # nothing to do: said in one line, and the run ends normally (a rerun of a finished command)
+            logger.log(limit_reached_note(self.completed_steps, self._resume_source() if self.resume_step else "",
+                                          *self._binding_limit()))
+            return
         progress = tqdm(
-            total=end, initial=self.completed_steps, disable=self.rank != 0, unit="step", dynamic_ncols=True
-        )
+            total=end, initial=self.completed_steps, disable=True if self.rank != 0 else None, unit="step",
+            dynamic_ncols=True,
+        )  # disable=None: no bar when stderr is not a terminal (a job's log file)
         self._last_dump = (time.perf_counter(), self.completed_steps)
         while end is None or self.completed_steps < end:
             batch, cond = next(self.data)
@@ -775,7 +855,7 @@ class TrainLoop(_TrainLoopBase):
         lr_anneal_steps=0,
         use_bf16=False,
         input_perturbation=0.0,
-        max_steps=0,
+        max_steps=None,
         seed=None,
         checkpoint_dir=None,
         initial_lg_loss_scale=INITIAL_LOG_LOSS_SCALE,
@@ -846,6 +926,9 @@ class ClassifierTrainLoop(_TrainLoopBase):
     scored every ``eval_interval`` steps.
     """
 
+    MAX_STEPS_FLAG = "--iterations"
+    LR_ANNEAL_FLAG = "--iterations"  # with --anneal_lr True
+
     def __init__(self, *, diffusion, noised=True, schedule_sampler=None, val_data=None, eval_interval=5, **kwargs):
         if eval_interval < 1:
             raise UsageError(f"--eval_interval must be at least 1, got {eval_interval}")
@@ -896,12 +979,187 @@ class ClassifierTrainLoop(_TrainLoopBase):
 # -- what the training scripts share ----------------------------------------------------------
 
 
-def start_training(args) -> None:
-    """Process group, log folder (--log_dir, else $OPENAI_LOGDIR or a temp folder, as ADM) and the
-    seed of the initial weights (rank 0's are broadcast to the others)."""
+def _script_limits(args) -> list[tuple[int, str]]:
+    """The step limits a training script's flags set, as (end step, flag)."""
+    if hasattr(args, "iterations"):  # classifier_train.py: --iterations ends it, and anneals with --anneal_lr
+        return [(args.iterations, "--iterations")]
+    limits = []
+    if getattr(args, "max_steps", -1) >= 0:
+        limits.append((args.max_steps, "--max_steps"))
+    if getattr(args, "lr_anneal_steps", 0) > 0:
+        limits.append((args.lr_anneal_steps, "--lr_anneal_steps"))
+    return limits
+
+
+def _check_resume_step(args, found_in: str = "") -> None:
+    """A --resume_checkpoint beyond the run's own end is refused by its name, before anything is read."""
+    path = args.resume_checkpoint
+    limits = _script_limits(args)
+    if not path or not limits or not _STEP_IN_NAME.match(os.path.basename(path)):
+        return
+    step = parse_resume_step_from_filename(path)
+    end, flag = min(limits)
+    if step > end:
+        raise UsageError(found_in + past_limit_refusal(step, path, end, flag))
+
+
+def check_training_flags(args) -> None:
+    """Refuse, in one line and before anything is created, the flags of a training script that no
+    run can use: sizes and counts below 1, a microbatch larger than the batch, negative step
+    limits (--max_steps -1 is "no limit"), a data folder or checkpoint that is not there."""
+    from .digits import is_digits_spec
+    from .sampling import check_size_flags
+
+    check_size_flags(args)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.microbatch > args.batch_size:
+        raise UsageError(f"--microbatch {args.microbatch} is larger than --batch_size {args.batch_size}; use at most "
+                         f"{args.batch_size} (or -1: the whole batch at once)")
+    for name in ("log_interval", "save_interval", "eval_interval"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+    if hasattr(args, "iterations") and args.iterations < 0:
+        raise UsageError(f"--iterations must be >= 0 (0: no training step), got {args.iterations}")
+    if getattr(args, "max_steps", -1) < -1:
+        raise UsageError(f"--max_steps must be >= 0 (-1, the default: no limit), got {args.max_steps}")
+    if getattr(args, "lr_anneal_steps", 0) < 0:
+        raise UsageError(f"--lr_anneal_steps must be >= 0 (0: no annealing, no end), got {args.lr_anneal_steps}")
+    for name in ("lr", "weight_decay", "input_perturbation"):
+        value = getattr(args, name, 0.0)
+        if not value >= 0:  # NaN too
+            raise UsageError(f"--{name} must be >= 0, got {value}")
+    parse_ema_rates(getattr(args, "ema_rate", ""))
+    for flag, folder in (("--data_dir", args.data_dir), ("--val_data_dir", getattr(args, "val_data_dir", ""))):
+        if flag == "--data_dir" and not folder:
+            raise UsageError("no data given; pass --data_dir a folder of images, digits or digits:SIZE")
+        if folder and not is_digits_spec(folder):
+            if os.path.isfile(folder):
+                raise UsageError(f"{flag} {folder} is a file; pass a folder of images, digits or digits:SIZE")
+            if not os.path.isdir(folder):
+                raise UsageError(f"{flag} {folder} does not exist; pass a folder of images, digits or digits:SIZE")
+    path = args.resume_checkpoint
+    if path and os.path.isdir(path):
+        raise UsageError(f"--resume_checkpoint {path} is a folder; pass a model*.pt written by training")
+    if path and not os.path.isfile(path):
+        raise UsageError(f"--resume_checkpoint {path} does not exist; pass a model*.pt written by training")
+    _check_resume_step(args)
+
+
+class TrainingRun:
+    """What start_training set up: the log folder, held by this run until ``close`` (or the end of the
+    process); usable as a context manager."""
+
+    def __init__(self, folder: str, lock_file):
+        self.folder = folder
+        self._lock_file = lock_file
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            release_lock(self._lock_file)
+            self._lock_file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _log_folder_flag(args) -> str:
+    return "--log_dir" if args.log_dir else "$OPENAI_LOGDIR"
+
+
+def _claim_log_folder(folder: str, flag: str):
+    """Create the log folder and hold its one-writer lock (rank 0); one line when it cannot be."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"{flag} {folder} is a file, not a folder; choose another {flag}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {flag} {folder} ({exc.strerror or exc}); choose a writable {flag}") from None
+    lock_file = folder_lock_file(folder)
+    acquire_lock(lock_file, f"{flag} {folder}", f"wait for it to finish or choose another {flag}")
+    return lock_file
+
+
+def _resume_point(folder: str, args, flag: str):
+    """The checkpoint a run with an empty --resume_checkpoint continues from: the newest complete set
+    in its log folder (so that rerunning a stopped run's command resumes it), or None when the folder
+    holds no checkpoint. Checkpoint files without a complete set are refused rather than overwritten."""
+    ema_rates = parse_ema_rates(getattr(args, "ema_rate", ""))
+    models = sorted(
+        ((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := _MODEL_FILE.fullmatch(p.name))), reverse=True
+    )
+    if not models:
+        return None
+    found = latest_complete_checkpoint(folder, ema_rates)
+    if found is not None:
+        return str(found)
+    newest = models[0][1]
+    if getattr(args, "allow_incomplete_resume", False):
+        return str(newest)
+    status = check_checkpoint_set(newest, ema_rates)
+    raise UsageError(
+        f"{flag} {folder} holds the checkpoints of an earlier run but no complete set ({newest.name}: "
+        f"{status.describe()}); pass --resume_checkpoint {newest} {ALLOW_INCOMPLETE_FLAG} to continue from it, "
+        f"or choose another {flag}"
+    )
+
+
+def _on_rank0(action):
+    """``action()`` on rank 0, its result on every rank; a user error on rank 0 is raised on all of them."""
+    from .sample_io import together
+
+    result = together(action if dist_util.get_rank() == 0 else None)
+    if dist_util.get_world_size() > 1:
+        import torch.distributed as dist
+
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def start_training(args) -> TrainingRun:
+    """What every training script does first: check its flags (one line, nothing created), set up the
+    process group, claim the log folder (--log_dir, else $OPENAI_LOGDIR, else a temp folder, as ADM;
+    one run at a time: a second is refused in one line), continue the run already in it, and seed
+    the initial weights (rank 0's are broadcast to the others).
+
+    With an empty --resume_checkpoint, a log folder that holds complete checkpoint sets is continued
+    from the newest (``args.resume_checkpoint`` is set to it), so rerunning the command of a stopped
+    or preempted run resumes it; its log files are continued, not emptied.
+    """
+    check_training_flags(args)
     dist_util.setup_dist()
-    logger.configure(dir=args.log_dir or None)
+    from .sample_io import together
+
+    flag = _log_folder_flag(args)
+    # rank 0 names the folder (ADM's time-stamped temp folder would differ from rank to rank)
+    folder = _on_rank0(lambda: os.path.expanduser(args.log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join(
+        tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))))
+    lock_file = _on_rank0(lambda: _claim_log_folder(folder, flag))
+    run = TrainingRun(folder, lock_file if dist_util.get_rank() == 0 else None)
+    if dist_util.get_rank() == 0:
+        atexit.register(run.close)
+    try:
+        resumed = None
+        if not args.resume_checkpoint:
+            resumed = _on_rank0(lambda: _resume_point(folder, args, flag))
+            if resumed:
+                args.resume_checkpoint = resumed
+                _check_resume_step(args, f"the run in {flag} {folder} would resume from its newest set, but ")
+        together(lambda: logger.configure(dir=folder, append=True))
+        if resumed:
+            logger.log(f"{flag} {folder} holds the checkpoint sets of an earlier run: resuming from {resumed}, "
+                       f"the newest complete one (choose another {flag} to start afresh)")
+    except BaseException:
+        run.close()
+        raise
     torch.manual_seed(args.seed)
+    return run
 
 
 def train_loop_from_args(args, model, diffusion, data, schedule_sampler):
@@ -924,7 +1182,7 @@ def train_loop_from_args(args, model, diffusion, data, schedule_sampler):
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
         input_perturbation=args.input_perturbation,
-        max_steps=args.max_steps,
+        max_steps=None if args.max_steps == -1 else args.max_steps,
         seed=args.seed,
         allow_incomplete_resume=getattr(args, "allow_incomplete_resume", False),
     )

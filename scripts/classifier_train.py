@@ -1,8 +1,13 @@
 """Train a noise-aware classifier (for classifier guidance) on images.
 
-ADM's command line, plus --use_bf16 (bfloat16 autocast), --seed, --log_dir and
---allow_incomplete_resume (resume from a checkpoint set that lacks its optimizer state). Labels are the
-file-name prefixes before the first "_" (or the digits, with --data_dir digits).
+ADM's command line, plus --use_bf16 (bfloat16 autocast), --seed, --log_dir,
+--allow_incomplete_resume (resume from a checkpoint set that lacks its optimizer state) and
+--skip_bad_images (leave out unreadable images instead of refusing the data folder). Labels are the
+file-name prefixes before the first "_" (or the digits, with --data_dir digits); data with more
+classes than --num_classes is refused before training. --iterations N ends the run at step N, as
+ADM's loop does (0: no step at all); a checkpoint already at N says so and exits 0, one past it is
+refused. Rerunning a stopped run's command (same --log_dir) resumes it from its newest complete
+checkpoint set; one run at a time per --log_dir.
 Example:
     python scripts/classifier_train.py --data_dir digits --image_size 8 --num_classes 10 \
         --classifier_width 32 --classifier_depth 1 --classifier_channel_mult 1,2 \
@@ -15,6 +20,7 @@ import argparse
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.sample_io import together
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
@@ -40,55 +46,58 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    start_training(args)
-    logger.log("creating model and diffusion...")
-    model, diffusion = create_classifier_and_diffusion(
-        **args_to_dict(args, classifier_and_diffusion_defaults().keys())
-    )
-    model.to(dist_util.dev())
-    logger.log("creating data loader...")
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=True,
-        random_crop=True,
-        seed=args.seed,
-        start_batch=parse_resume_step_from_filename(args.resume_checkpoint),
-    )
-    val_data = None
-    if args.val_data_dir:
-        val_data = load_data(
-            data_dir=args.val_data_dir,
+    with start_training(args):
+        logger.log("creating model and diffusion...")
+        model, diffusion = create_classifier_and_diffusion(
+            **args_to_dict(args, classifier_and_diffusion_defaults().keys())
+        )
+        model.to(dist_util.dev())
+        logger.log("creating data loader...")
+        data = together(lambda: load_data(
+            data_dir=args.data_dir,
             batch_size=args.batch_size,
             image_size=args.image_size,
             class_cond=True,
+            random_crop=True,
             seed=args.seed,
-        )
-    logger.log("training classifier model...")
-    ClassifierTrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        val_data=val_data,
-        noised=args.noised,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
-        eval_interval=args.eval_interval,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.iterations if args.anneal_lr else 0,
-        max_steps=args.iterations,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.classifier_use_fp16,
-        use_bf16=args.use_bf16,
-        seed=args.seed,
-        allow_incomplete_resume=args.allow_incomplete_resume,
-    ).run_loop()
-
+            start_batch=parse_resume_step_from_filename(args.resume_checkpoint),
+            num_classes=args.num_classes,
+            skip_bad_images=args.skip_bad_images,
+        ))
+        val_data = None
+        if args.val_data_dir:
+            val_data = together(lambda: load_data(
+                data_dir=args.val_data_dir,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                class_cond=True,
+                seed=args.seed,
+                num_classes=args.num_classes,
+                skip_bad_images=args.skip_bad_images,
+            ))
+        logger.log("training classifier model...")
+        ClassifierTrainLoop(
+            model=model,
+            diffusion=diffusion,
+            data=data,
+            val_data=val_data,
+            noised=args.noised,
+            schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+            eval_interval=args.eval_interval,
+            batch_size=args.batch_size,
+            microbatch=args.microbatch,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            lr_anneal_steps=args.iterations if args.anneal_lr else 0,
+            max_steps=args.iterations,  # 0: no step, as ADM's range(iterations - resume_step)
+            log_interval=args.log_interval,
+            save_interval=args.save_interval,
+            resume_checkpoint=args.resume_checkpoint,
+            use_fp16=args.classifier_use_fp16,
+            use_bf16=args.use_bf16,
+            seed=args.seed,
+            allow_incomplete_resume=args.allow_incomplete_resume,
+        ).run_loop()
 
 if __name__ == "__main__":
     cli_main(main)

@@ -2,14 +2,17 @@
 
     python scripts/demo.py                        # writes results/digits/{results.md,*.png,...}
     python scripts/demo.py --num_samples 100 --seeds 0,1 --steps 10 --cond_steps 10   # a quick look
+Settings are checked before anything runs; an interrupted run resumes its lambda search from the
+cache in --output_dir (the same command again); one run at a time per --output_dir.
 """
 
 import argparse
+import sys
 
 import torch
 
 from guided_diffusion.digits_demo import run_demo
-from guided_diffusion.script_util import cli_main
+from guided_diffusion.script_util import UsageError, cli_main
 
 
 def main():
@@ -31,11 +34,9 @@ def main():
         steps = tuple(int(s) for s in args.steps.split(","))
         cond_steps = tuple(int(s) for s in args.cond_steps.split(","))
     except ValueError:
-        raise ValueError("--seeds and --steps take comma-separated whole numbers, e.g. 0,1,2") from None
-    if args.num_samples < 2 or args.batch_size < 1:
-        raise ValueError("--num_samples must be at least 2 and --batch_size at least 1")
+        raise UsageError("--seeds, --steps and --cond_steps take comma-separated whole numbers, e.g. 0,1,2") from None
     run_demo(args.output_dir, args.num_samples, args.batch_size, seeds, steps, args.search_steps,
-             args.guidance_scale, cond_steps=cond_steps)
+             args.guidance_scale, cond_steps=cond_steps, progress=sys.stderr.isatty())
 
 
 if __name__ == "__main__":

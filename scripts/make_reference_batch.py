@@ -3,14 +3,14 @@
     python scripts/make_reference_batch.py SOURCE OUT.npz --image_size 32 [--num_images 50000]
 
 SOURCE is a folder of images, a .zip of images or an .npz batch. Images are resized as ADM's
-training data are (evaluations/reference_batch.py).
+training data are (evaluations/reference_batch.py). OUT.npz appears only when complete; a failure
+(a damaged image, a full disk) leaves nothing of it and ends in one line, exit status 2.
 """
 
 import argparse
 
-from evaluations.cli import add_inception_arguments, open_inception
+from evaluations.cli import add_inception_arguments, check_batch_size, check_device, open_inception
 from evaluations.reference_batch import plan_reference_batch, write_reference_batch
-from guided_diffusion.sampling import check_device
 from guided_diffusion.script_util import cli_main
 
 
@@ -23,7 +23,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subset")
     add_inception_arguments(parser)
     args = parser.parse_args(argv)
-    check_device(args.device)
+    check_batch_size(args.batch_size)
+    check_device(args.device)  # every flag, the source and the output are checked before Inception loads
     plan = plan_reference_batch(args.source, args.output, args.image_size, args.num_images, args.seed)
     model, graph_record = open_inception(args)
     try:

@@ -1,7 +1,8 @@
 """Train a super-resolution diffusion model (the network also sees the image downsampled to --small_size).
 
 ADM's command line, plus the new training flags of image_train.py (--max_steps, --use_bf16,
---input_perturbation, --seed, --log_dir, --allow_incomplete_resume).
+--input_perturbation, --seed, --log_dir, --allow_incomplete_resume, --skip_bad_images), which also
+says what the step limits mean and how a stopped run resumes.
 Example:
     python scripts/super_res_train.py --data_dir images/ --large_size 256 --small_size 64 \
         --num_channels 192 --num_res_blocks 2 --learn_sigma True --batch_size 4 --log_dir runs/sr
@@ -12,7 +13,9 @@ import argparse
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_superres_data
 from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.sample_io import together
 from guided_diffusion.script_util import (
+    NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
     cli_main,
@@ -37,23 +40,27 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    start_training(args)
-    logger.log("creating model...")
-    model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
-    model.to(dist_util.dev())
-    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-    logger.log("creating data loader...")
-    data = load_superres_data(
-        args.data_dir,
-        args.batch_size,
-        large_size=args.large_size,
-        small_size=args.small_size,
-        class_cond=args.class_cond,
-        seed=args.seed,
-        start_batch=parse_resume_step_from_filename(args.resume_checkpoint),
-    )
-    logger.log("training...")
-    train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
+    with start_training(args):
+        logger.log("creating model...")
+        model, diffusion = sr_create_model_and_diffusion(
+            **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
+        )
+        model.to(dist_util.dev())
+        schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+        logger.log("creating data loader...")
+        data = together(lambda: load_superres_data(
+            args.data_dir,
+            args.batch_size,
+            large_size=args.large_size,
+            small_size=args.small_size,
+            class_cond=args.class_cond,
+            seed=args.seed,
+            start_batch=parse_resume_step_from_filename(args.resume_checkpoint),
+            num_classes=NUM_CLASSES,  # ADM's super-resolution models have ImageNet's classes
+            skip_bad_images=args.skip_bad_images,
+        ))
+        logger.log("training...")
+        train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
 
 
 if __name__ == "__main__":

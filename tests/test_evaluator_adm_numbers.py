@@ -10,6 +10,7 @@ so its numbers say nothing about image quality, only about the arithmetic.
 from __future__ import annotations
 
 import importlib.util
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -29,28 +30,50 @@ RELATIVE = ("Inception Score", "FID", "sFID")
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adm_numbers():
     return load_reference("evaluator/adm_numbers.json")["results"]
 
 
-@pytest.fixture(scope="module", params=["tf", "torch"])
-def ours(request, adm_numbers):
-    """Our metrics for each sample set of the fixture, reference activations computed once per backend."""
-    if request.param == "tf" and not HAVE_TF:
-        pytest.skip("TensorFlow is not installed (pip install tensorflow-cpu)")
+def _backend_metrics(model, sample_sets) -> dict:
+    """Our five metrics for each sample set against ref, the reference activations computed once."""
+    reference, _ = read_batch(FIXTURE / "ref.npz", model, 64, "reference")
+    samples = {name: read_batch(FIXTURE / f"{name}.npz", model, 64, name)[0] for name in sample_sets}
+    return {name: compute_metrics(reference, sample, model.softmax_weights) for name, sample in samples.items()}
+
+
+@pytest.fixture(scope="session")
+def adm_fixture_metrics(adm_numbers):
+    """{backend: {sample set: metrics}}, each backend's activations and metrics computed once a session.
+
+    The two backends run at once, in two threads: nearly all the time goes to SciPy's matrix square
+    roots (four of 2048 x 2048 per backend) and to the Inception forward passes, all of which release
+    the GIL, so a second core halves the wall time. A backend that cannot run maps to the reason.
+    """
     for name in ("classify_image_graph_def.pb", "ref.npz", *(f"{s}.npz" for s in adm_numbers)):
         if not (FIXTURE / name).is_file():
             pytest.skip(f"evaluator fixture {FIXTURE / name} not found (it lives in ../shared/reference/evaluator)")
-    model = create_inception(request.param, FIXTURE / "classify_image_graph_def.pb", device="cpu")
+    models = {"torch": create_inception("torch", FIXTURE / "classify_image_graph_def.pb", device="cpu")}
+    if HAVE_TF:  # TensorFlow is imported here, in the main thread
+        models["tf"] = create_inception("tf", FIXTURE / "classify_image_graph_def.pb")
     try:
-        reference, _ = read_batch(FIXTURE / "ref.npz", model, 64, "reference")
-        results = {}
-        for sample_set in adm_numbers:
-            sample, _ = read_batch(FIXTURE / f"{sample_set}.npz", model, 64, sample_set)
-            results[sample_set] = compute_metrics(reference, sample, model.softmax_weights)
+        with ThreadPoolExecutor(max_workers=len(models)) as pool:
+            futures = {backend: pool.submit(_backend_metrics, model, list(adm_numbers))
+                       for backend, model in models.items()}
+            results = {backend: future.result() for backend, future in futures.items()}
     finally:
-        model.close()
+        for model in models.values():
+            model.close()
+    if not HAVE_TF:
+        results["tf"] = "TensorFlow is not installed (pip install tensorflow-cpu)"
+    return results
+
+
+@pytest.fixture(params=["tf", "torch"])
+def ours(request, adm_fixture_metrics):
+    results = adm_fixture_metrics[request.param]
+    if isinstance(results, str):
+        pytest.skip(results)
     return request.param, results
 
 

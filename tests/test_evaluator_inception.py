@@ -535,7 +535,7 @@ def test_evaluator_cli_bad_input_is_one_line(graph_path, tmp_path, capsys):
     assert "empty" in _cli_error([str(good), str(tmp_path / "empty.npz")] + common, capsys)
     np.savez(tmp_path / "few.npz", _images(1, 3))
     message = _cli_error([str(good), str(tmp_path / "few.npz")] + common, capsys)
-    assert "holds 3 images; precision and recall need more than 3" in message
+    assert "holds 3 images; precision and recall compare each image with its 3 nearest neighbours" in message
     np.savez(tmp_path / "half.npz", _images(0, 5), mu=np.zeros(POOL_SIZE))
     assert "but not sigma, mu_s, sigma_s" in _cli_error([str(tmp_path / "half.npz"), str(good)] + common, capsys)
     eight = {"mu": np.zeros(8), "sigma": np.eye(8), "mu_s": np.zeros(8), "sigma_s": np.eye(8)}
