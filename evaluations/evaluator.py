@@ -152,6 +152,9 @@ def main(argv=None) -> dict:
     json_path = check_output_file(
         args.json or Path(args.sample_batch).with_suffix(".eval.json"), "the JSON results", "--json"
     )
+    for path in (args.ref_batch, args.sample_batch):
+        if Path(path).exists() and json_path.exists() and json_path.samefile(path):
+            raise ValueError(f"--json {json_path} is the batch file {path}; give the results another name")
     batches = {}  # every batch file checked whole before Inception is located or loaded
     for path in (args.ref_batch, args.sample_batch):
         batches[path] = check_batch(path)

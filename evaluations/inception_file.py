@@ -91,14 +91,17 @@ def _download(url: str, path: Path) -> None:
                         out.write(chunk)
                         digest.update(chunk)
                         progress.update(len(chunk))
-                if size is not None and out.tell() != size:
-                    raise failed(f"got {out.tell()} of {size} bytes")
+                received = out.tell()
+            if size is not None and received != size:
+                raise http.client.IncompleteRead(b"", size - received)
             os.replace(partial, path)
         except OSError as exc:  # urllib's URLError included; a full disk too
             if exc.errno in DISK_FULL:
                 raise failed(f"no space left on the device; free space under {path.parent}") from None
             raise failed(getattr(exc, "reason", None) or exc.strerror or exc) from None
-        except (http.client.HTTPException, ValueError) as exc:  # a cut connection; a malformed URL
+        except http.client.IncompleteRead as exc:  # the connection was cut
+            raise failed(f"the connection closed {exc.expected} bytes before the end") from None
+        except (http.client.HTTPException, ValueError) as exc:  # a broken response; a malformed URL
             raise failed(f"{type(exc).__name__}: {exc}") from None
     finally:
         remove_file(partial)

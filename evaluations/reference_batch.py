@@ -106,7 +106,9 @@ def _read_rgb(file, name) -> Image.Image:
     try:
         with Image.open(file) as image:
             return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+    # PIL raises OSError for most damaged files, SyntaxError or ValueError for some broken ones
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile, zlib.error,
+            EOFError) as exc:
         raise ValueError(f"cannot read image {name}: {exc or type(exc).__name__}; repair or remove it") from None
 
 

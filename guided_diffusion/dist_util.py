@@ -98,6 +98,10 @@ def setup_dist() -> None:
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
         return
+    if world == 1 and backend == "gloo":
+        # a world of one needs no rendezvous: an in-process store, so no port can be taken meanwhile
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
     for attempt in range(SETUP_RETRY_COUNT):
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_find_free_port())
         try:

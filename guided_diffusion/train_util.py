@@ -19,7 +19,16 @@ ema_{rate}_{step:06d}.pt and opt{step:06d}.pt, plain ``torch.save`` state_dicts.
 * microbatches accumulate the gradient of the full batch (each is weighted by its share), and a
   step's timesteps and noise are drawn for the whole batch, so --microbatch changes memory only;
 * the learning rate of every step is --lr (decayed linearly to 0 over --lr_anneal_steps), also
-  after a resume; optional bfloat16 autocast, DDPM-IP input perturbation, --max_steps to end a run.
+  after a resume; optional bfloat16 autocast, DDPM-IP input perturbation, --max_steps to end a run;
+* a step limit means what it says: the run ends at step N of --max_steps N (0: no step at all;
+  -1 or None: no limit), of --lr_anneal_steps N (0, ADM's default: no annealing and no end) or of
+  the classifier's --iterations N (0: no step, as ADM's ``range(iterations - resume_step)``). A run
+  whose resumed step already is its end says so in one line and ends normally (status 0: a
+  requeued job that had finished); one resumed beyond its end is refused (status 2: a typo);
+* the scripts (start_training) check their flags before anything is created, hold their log
+  folder against a second run, and continue the newest complete checkpoint set already in it, so
+  that rerunning the command of a preempted run resumes it. SIGTERM and Ctrl-C leave the sets
+  written so far (an interrupted save removes its temporary files; its set reads as incomplete).
 """
 
 from __future__ import annotations
@@ -1011,6 +1020,9 @@ def check_training_flags(args) -> None:
     from .sampling import check_size_flags
 
     check_size_flags(args)
+    fp16 = "--classifier_use_fp16" if hasattr(args, "classifier_use_fp16") else "--use_fp16"
+    if getattr(args, fp16[2:], False) and args.use_bf16:
+        raise UsageError(f"{fp16} and --use_bf16 exclude each other; pick one")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.microbatch > args.batch_size:
@@ -1054,6 +1066,7 @@ class TrainingRun:
     def __init__(self, folder: str, lock_file):
         self.folder = folder
         self._lock_file = lock_file
+        self.built = None  # what start_training's ``build`` returned
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -1122,11 +1135,12 @@ def _on_rank0(action):
     return result
 
 
-def start_training(args) -> TrainingRun:
+def start_training(args, build=None) -> TrainingRun:
     """What every training script does first: check its flags (one line, nothing created), set up the
-    process group, claim the log folder (--log_dir, else $OPENAI_LOGDIR, else a temp folder, as ADM;
-    one run at a time: a second is refused in one line), continue the run already in it, and seed
-    the initial weights (rank 0's are broadcast to the others).
+    process group, seed the initial weights (rank 0's are broadcast to the others), build the model
+    (``build()``, whose result is ``run.built``: a model flag no network can take is refused before
+    any folder is made), claim the log folder (--log_dir, else $OPENAI_LOGDIR, else a temp folder,
+    as ADM; one run at a time: a second is refused in one line) and continue the run already in it.
 
     With an empty --resume_checkpoint, a log folder that holds complete checkpoint sets is continued
     from the newest (``args.resume_checkpoint`` is set to it), so rerunning the command of a stopped
@@ -1134,6 +1148,8 @@ def start_training(args) -> TrainingRun:
     """
     check_training_flags(args)
     dist_util.setup_dist()
+    torch.manual_seed(args.seed)  # nothing below draws from it before ``build`` (ADM's initial weights)
+    built = build() if build is not None else None
     from .sample_io import together
 
     flag = _log_folder_flag(args)
@@ -1142,6 +1158,7 @@ def start_training(args) -> TrainingRun:
         tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))))
     lock_file = _on_rank0(lambda: _claim_log_folder(folder, flag))
     run = TrainingRun(folder, lock_file if dist_util.get_rank() == 0 else None)
+    run.built = built
     if dist_util.get_rank() == 0:
         atexit.register(run.close)
     try:
@@ -1158,7 +1175,6 @@ def start_training(args) -> TrainingRun:
     except BaseException:
         run.close()
         raise
-    torch.manual_seed(args.seed)
     return run
 
 

@@ -46,13 +46,17 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    with start_training(args):
-        logger.log("creating model and diffusion...")
+
+    def build():
         model, diffusion = create_classifier_and_diffusion(
             **args_to_dict(args, classifier_and_diffusion_defaults().keys())
         )
+        return model, diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    with start_training(args, build) as run:
+        model, diffusion, schedule_sampler = run.built
         model.to(dist_util.dev())
-        logger.log("creating data loader...")
+        logger.log("created model and diffusion; creating data loader...")
         data = together(lambda: load_data(
             data_dir=args.data_dir,
             batch_size=args.batch_size,
@@ -82,7 +86,7 @@ def main(argv=None):
             data=data,
             val_data=val_data,
             noised=args.noised,
-            schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+            schedule_sampler=schedule_sampler,
             eval_interval=args.eval_interval,
             batch_size=args.batch_size,
             microbatch=args.microbatch,

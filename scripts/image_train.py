@@ -51,12 +51,15 @@ def main(argv=None):
     if args.eps_scaler and args.input_perturbation:
         raise UsageError("--eps_scaler (ADM-ES's input perturbation) and --input_perturbation are the same "
                          "DDPM-IP perturbation; give one of them")
-    with start_training(args):
-        logger.log("creating model and diffusion...")
+
+    def build():
         model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
+        return model, diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    with start_training(args, build) as run:
+        model, diffusion, schedule_sampler = run.built
         model.to(dist_util.dev())
-        schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-        logger.log("creating data loader...")
+        logger.log("created model and diffusion; creating data loader...")
         data = together(lambda: load_data(
             data_dir=args.data_dir,
             batch_size=args.batch_size,

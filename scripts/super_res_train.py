@@ -40,14 +40,15 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    with start_training(args):
-        logger.log("creating model...")
-        model, diffusion = sr_create_model_and_diffusion(
-            **args_to_dict(args, sr_model_and_diffusion_defaults().keys())
-        )
+
+    def build():
+        model, diffusion = sr_create_model_and_diffusion(**args_to_dict(args, sr_model_and_diffusion_defaults().keys()))
+        return model, diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    with start_training(args, build) as run:
+        model, diffusion, schedule_sampler = run.built
         model.to(dist_util.dev())
-        schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
-        logger.log("creating data loader...")
+        logger.log("created model and diffusion; creating data loader...")
         data = together(lambda: load_superres_data(
             args.data_dir,
             args.batch_size,

@@ -3,6 +3,8 @@
     python scripts/train_digits_models.py                 # everything, about 30 CPU-minutes
     python scripts/train_digits_models.py --only digits_uncond --max_steps 200
 Weights land in guided_diffusion/assets/ as float16 safetensors; logs and full checkpoints in --work_dir.
+An interrupted retraining resumes when the same command is run again (each network from its newest
+checkpoint set in --work_dir); a training script's error is one line naming the network.
 """
 
 import argparse

@@ -9,10 +9,8 @@ import functools
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,56 +37,20 @@ from guided_diffusion.eps_scaling import EpsScaleError  # noqa: E402
 from guided_diffusion.errors import UsageError  # noqa: E402
 from guided_diffusion.sample_io import image_generator  # noqa: E402
 from guided_diffusion.speed import optimize_for_sampling  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-
-TRAIN_STEPS = 100
-BETA_START, BETA_END = 1e-3, 0.05  # a short linear schedule that still ends near pure noise
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one thread avoids oversubscribing a shared CPU (much faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from diffusers_models import (  # noqa: E402
+    ROOT,
+    TRAIN_STEPS,
+    linear_alphas_cumprod,
+    linear_scheduler,
+    quiet,
+    run_script_in_process,
+    tiny_ldm,
+    tiny_unet,
+)
 
 def lam(spec_k: float, spec_b: float, step: int, num_steps: int) -> float:
     """lambda_t = k * t + b with t = num_steps - 1 - step: the paper's schedule, written out."""
     return spec_k * (num_steps - 1 - step) + spec_b
-
-
-def linear_alphas_cumprod() -> torch.Tensor:
-    betas = np.linspace(BETA_START, BETA_END, TRAIN_STEPS, dtype=np.float64)
-    return torch.from_numpy(np.cumprod(1.0 - betas))
-
-
-def tiny_unet(in_channels=3, out_channels=3, seed=0):
-    torch.manual_seed(seed)
-    return diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-    ).eval()
-
-
-def linear_scheduler(cls, **kwargs):
-    return cls(
-        num_train_timesteps=TRAIN_STEPS, beta_schedule="linear", beta_start=BETA_START, beta_end=BETA_END, **kwargs
-    )
-
-
-def quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def divide_unet_output(unet, lambdas):
@@ -269,17 +231,6 @@ def test_every_scalable_scheduler_sees_the_noise_divided_by_lambda_t(cls, option
 
 
 # --- latent and text-to-image pipelines --------------------------------------------------------
-
-
-def tiny_ldm():
-    torch.manual_seed(0)
-    vqvae = diffusers.VQModel(
-        in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1, norm_num_groups=4, num_vq_embeddings=16, vq_embed_dim=3,
-    ).eval()
-    scheduler = linear_scheduler(diffusers.DDIMScheduler)
-    return quiet(diffusers.LDMPipeline(vqvae=vqvae, unet=tiny_unet(seed=1), scheduler=scheduler))
 
 
 def test_ldm_pipeline_with_lambda_equals_a_network_divided_by_lambda():
@@ -676,13 +627,6 @@ def test_script_writes_adm_npz_per_image_and_resumes(saved_ddpm, tmp_path):
 
     proc = run_script(*[f for f in flags if not f.startswith("--eps_scale")], "--eps_scale=1.0")
     assert proc.returncode == 2 and "error:" in proc.stderr and "other settings" in proc.stderr
-
-
-def run_script_in_process(monkeypatch, capsys, *flags):
-    monkeypatch.setattr(sys, "argv", ["diffusers_sample.py", *flags])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "scripts" / "diffusers_sample.py"), run_name="__main__")
-    return exit_info.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -6,7 +6,6 @@ Hugging Face cache, as a user would run them.
 
 import json
 import os
-import runpy
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,7 @@ diffusers = pytest.importorskip(
 from guided_diffusion.diffusers_es import load_pipeline, quiet_loading, sample_images  # noqa: E402
 from guided_diffusion.errors import UsageError  # noqa: E402
 from guided_diffusion.sample_io import quantize  # noqa: E402
-from test_diffusers_es import ROOT, TRAIN_STEPS, tiny_ldm  # noqa: E402
+from diffusers_models import ROOT, TRAIN_STEPS, run_script_in_process, tiny_ldm  # noqa: E402
 
 # Settings that would hide the libraries' output whatever the code does.
 QUIETING_ENV = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS",
@@ -140,13 +139,6 @@ def test_a_cached_model_id_loads_silently_offline_and_samples_as_its_folder_does
     assert np.array_equal(images, expected)
 
 
-def run_in_process(monkeypatch, capsys, *flags):
-    monkeypatch.setattr(sys, "argv", ["diffusers_sample.py", *flags])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "scripts" / "diffusers_sample.py"), run_name="__main__")
-    return exit_info.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("make,message", [
     (lambda d: d.mkdir(), "--model {d} has no model_index.json, so it is not a diffusers pipeline folder; give a "
                           "folder written by pipe.save_pretrained(...) or a model id such as google/ddpm-cifar10-32"),
@@ -160,7 +152,7 @@ def run_in_process(monkeypatch, capsys, *flags):
 def test_a_folder_that_is_not_a_pipeline_is_one_error_line(monkeypatch, capsys, tmp_path, make, message):
     target = tmp_path / "model"
     make(target)
-    code, err = run_in_process(monkeypatch, capsys, f"--model={target}", f"--output_dir={tmp_path / 'out'}")
+    code, err = run_script_in_process(monkeypatch, capsys, f"--model={target}", f"--output_dir={tmp_path / 'out'}")
     assert code == 2 and err.startswith("error: " + message.format(d=target)) and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 

@@ -32,18 +32,10 @@ from guided_diffusion.diffusers_es import (  # noqa: E402
 )
 from guided_diffusion.errors import UsageError  # noqa: E402
 from guided_diffusion.sample_io import image_generator  # noqa: E402
-from test_diffusers_es import ROOT, TRAIN_STEPS, linear_scheduler, quiet, tiny_ldm, tiny_unet  # noqa: E402
+from diffusers_models import ROOT, TRAIN_STEPS, linear_scheduler, quiet, tiny_ldm, tiny_unet  # noqa: E402
 
 SEED, STEPS, K, B = 11, 3, 0.01, 1.02
 SPEC = f"linear:k={K},b={B}"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class NoQuantization(torch.nn.Module):

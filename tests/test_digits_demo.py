@@ -1,8 +1,13 @@
 """The shipped default: the digits models load and sample, and the demo's whole path runs (reduced)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from guided_diffusion.digit_features import digit_features, load_digit_features
@@ -10,7 +15,11 @@ from guided_diffusion.digits import digits_arrays
 from guided_diffusion.digits_demo import DigitsBench, _paired_gain, _verdict, load_shipped, run_demo
 from guided_diffusion.digits_training import shipped_sizes
 from guided_diffusion.eps_scaling import EpsScale
+from guided_diffusion.errors import UsageError
+from guided_diffusion.file_util import folder_lock_file, locked
 from guided_diffusion.sample_io import quantize
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_weights_are_small_enough_to_ship():
@@ -66,3 +75,44 @@ def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path):
     again = run_demo(tmp_path, num_samples=16, batch_size=8, seeds=(0, 1), steps=(3,), search_steps=3,
                      progress=False, log=lambda *a: None, cond_steps=(3,))
     assert again["rows"] == result["rows"] and again["chosen_eps_scale"] == result["chosen_eps_scale"]
+
+
+QUICK = dict(num_samples=4, batch_size=4, seeds=(0,), steps=(2,), search_steps=2, progress=False,
+             log=lambda *a: None, cond_steps=(2,))
+
+
+@pytest.mark.parametrize("change,expected", [
+    (dict(steps=(0,)), "--steps 0: each step count must be between 1 and 1000"),
+    (dict(cond_steps=(1001,)), "--cond_steps 1001: each step count must be between 1 and 1000"),
+    (dict(search_steps=0), "--search_steps 0: each step count"),
+    (dict(seeds=()), "--seeds needs at least one seed"),
+    (dict(num_samples=1), "--num_samples must be at least 2"),
+    (dict(batch_size=0), "--batch_size must be at least 1"),
+    (dict(guidance_scale=-1.0), "--guidance_scale must be >= 0"),
+])
+def test_demo_settings_it_cannot_run_are_refused_before_anything_is_written(tmp_path, change, expected):
+    with pytest.raises(UsageError) as refused:
+        run_demo(tmp_path / "out", **{**QUICK, **change})
+    assert expected in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_output_folder_problems_are_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UsageError, match="is a file, not a folder; choose another --output_dir"):
+        run_demo(tmp_path / "a_file", **QUICK)
+    with pytest.raises(UsageError, match=r"cannot write to output folder .* choose a writable --output_dir"):
+        run_demo(tmp_path / "a_file" / "sub", **QUICK)
+    out = tmp_path / "out"
+    out.mkdir()
+    with locked(folder_lock_file(out), "another demo"):  # held by another run (the lock is per process)
+        code = (f"from guided_diffusion.digits_demo import run_demo; run_demo({str(out)!r}, num_samples=4, "
+                "batch_size=4, seeds=(0,), steps=(2,), search_steps=2, progress=False, cond_steps=(2,))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+        assert r.returncode != 0 and f"output folder {out} is in use by another run" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # the refused run wrote nothing
+    # a search cache of other settings names the demo's own way out
+    (out / "lambda_cache.json").write_text(json.dumps({"context": {"num_samples": 99}, "values": {}}))
+    with pytest.raises(UsageError, match="holds values for other settings .*choose another --output_dir"):
+        run_demo(out, **QUICK)

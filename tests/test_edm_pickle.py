@@ -266,6 +266,64 @@ def test_convert_script(persistence_module, tmp_path):
     assert not marker.exists() and not (tmp_path / "evil.safetensors").exists()
 
 
+def _one_line(r):
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    return lines[0]
+
+
+def test_convert_script_refuses_bad_inputs_and_outputs_in_one_line_writing_nothing(persistence_module, tmp_path):
+    net, kwargs = make_network()
+    good = write_edm_pickle(tmp_path / "good.pkl", net, kwargs)
+    (tmp_path / "empty.pkl").write_bytes(b"")
+    (tmp_path / "cut.pkl").write_bytes(good.read_bytes()[:3000])
+    (tmp_path / "folder.pkl").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "taken.safetensors").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cases = [
+        ([str(tmp_path / "missing.pkl")], f"error: EDM pickle {tmp_path / 'missing.pkl'} does not exist"),
+        ([str(tmp_path / "folder.pkl")], f"error: EDM pickle {tmp_path / 'folder.pkl'} is a folder"),
+        ([str(tmp_path / "empty.pkl")], f"error: EDM pickle {tmp_path / 'empty.pkl'} is empty (0 bytes)"),
+        ([str(tmp_path / "cut.pkl")], f"error: {tmp_path / 'cut.pkl'}: cannot read the file as an EDM pickle"),
+        ([str(good), "--output", str(tmp_path / "taken.safetensors")],
+         f"error: output {tmp_path / 'taken.safetensors'} is a folder"),
+        ([str(good), "--output", str(tmp_path / "a_file" / "x.safetensors")],
+         f"error: cannot create the folder {tmp_path / 'a_file'} ({tmp_path / 'a_file'} is a file)"),
+        ([str(good), "--output", "/proc/x.safetensors"], "error: cannot write /proc/x.safetensors"),
+        ([str(good), "--key", "nope", "--output", str(tmp_path / "k.safetensors")], "error: the pickle has no 'nope'"),
+    ]
+    for argv, expected in cases:
+        line = _one_line(run("convert_edm_pkl.py", *argv))
+        assert line.startswith(expected), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no config, no tensors, no temporary file
+    assert not list((tmp_path / "taken.safetensors").iterdir())
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("empty json", "net.json is empty (0 bytes): a write or copy cut short; convert the pickle again"),
+    ("cut json", "net.json is not complete JSON"),
+    ("json without class_name", "net.json lacks class_name or init_kwargs"),
+    ("empty safetensors", "net.safetensors is not a readable safetensors file"),
+    ("cut safetensors", "net.safetensors is not a readable safetensors file"),
+])
+def test_a_damaged_converted_network_is_one_line(persistence_module, tmp_path, damage, expected):
+    from guided_diffusion.errors import UsageError
+
+    net, kwargs = make_network()
+    out = convert_edm_pickle(write_edm_pickle(tmp_path / "net.pkl", net, kwargs), tmp_path / "c" / "net.safetensors")
+    target = out.with_suffix(".json") if "json" in damage else out
+    data = target.read_bytes()
+    if damage == "json without class_name":
+        target.write_text(json.dumps({"format": "edm-network-v1"}))
+    else:
+        target.write_bytes(b"" if damage.startswith("empty") else data[: len(data) // 2])
+    with pytest.raises((EDMPickleError, UsageError)) as refused:
+        load_edm_network(out)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # scripts/edm_sample.py on an EDM pickle
 

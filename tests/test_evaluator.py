@@ -6,6 +6,7 @@ matrix square root, brute-force nearest neighbours, np.load for the files).
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import numpy as np
@@ -361,6 +362,27 @@ def test_float16_norms_and_distances_match_tensorflow(dim):
     step = np.spacing(expected.astype(np.float16)).astype(np.float32) * 2
     assert np.mean(got == expected) > 0.99 and np.all(np.abs(got - expected) <= step)
     assert not np.array_equal(expected, squared_distances(torch.from_numpy(u), torch.from_numpy(v)).numpy())
+
+
+def test_float16_distance_is_zero_where_two_products_overflow():
+    # |u|^2 = 64 * 24^2 = 36864, |v|^2 = 32004 and u.v = 33984 fit in float16, but 2 u.v = 67968
+    # does not: it is inf, so |u|^2 - 2 u.v is -inf, clamped to 0 (not NaN, so the block stays in
+    # float16), where the exact squared distance is 16 * 7.5^2 = 900.
+    u = np.full((1, 64), 24.0, np.float32)
+    v = u.copy()
+    v[0, 48:] = 16.5
+    with np.errstate(over="ignore"):
+        u16, v16 = u.astype(np.float16), v.astype(np.float16)
+        norms_u, norms_v = (u16 * u16).sum(1, keepdims=True), (v16 * v16).sum(1)
+        by_numpy = np.maximum((norms_u - np.float16(2) * (u16 @ v16.T)) + norms_v, np.float16(0))
+    assert by_numpy[0, 0] == 0
+    got = block_distances(torch.from_numpy(u), torch.from_numpy(v))
+    assert got.dtype == torch.float32 and got.item() == 0.0
+    assert squared_distances(torch.from_numpy(u), torch.from_numpy(v)).item() == 900.0
+    if importlib.util.find_spec("tensorflow") is not None:
+        import tensorflow as tf
+
+        assert _adm_distances_in_tensorflow(tf, u, v)[0, 0] == 0.0
 
 
 def test_float16_precision_recall_match_adms_arithmetic_in_tensorflow():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_sample_scripts import ROOT, TINY_FLAGS, _env, run_script, tiny_models  # noqa: F401 (fixture)
+from sample_scripts import ROOT, TINY_FLAGS, run_script, script_env, tiny_models  # noqa: F401 (a fixture)
 
 MPIRUN = ("mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root")
 
@@ -50,7 +50,7 @@ def _wait_for_shards(out, count, proc, timeout=120):
 def test_two_runs_on_one_folder_never_mix(tmp_path, tiny_models):
     out = tmp_path / "shared"
     flags = _flags(tiny_models, out, 400, 1)  # long enough to be running throughout
-    first = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "image_sample.py"), *flags], env=_env(),
+    first = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "image_sample.py"), *flags], env=script_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_shards(out, 1, first)
@@ -184,7 +184,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_resumes(tmp_p
 def _hold(lock_file):
     code = ("import sys, time; from guided_diffusion.file_util import acquire_lock; "
             "acquire_lock(sys.argv[1], 'x'); print('held', flush=True); time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], stdout=subprocess.PIPE, env=_env())
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], stdout=subprocess.PIPE, env=script_env())
     assert proc.stdout.readline().strip() == b"held"
     return proc
 

@@ -531,7 +531,7 @@ def test_an_appended_log_keeps_its_history_and_drops_a_row_cut_short(tmp_path):
     assert [json.loads(line) for line in (tmp_path / "progress.json").read_text().splitlines()] == [
         {"step": 1}, {"step": 3, "loss": 0.5}]
     text = (tmp_path / "log.txt").read_text().splitlines()
-    assert text.count("Logging to " + str(tmp_path)) == 2 and text.index("first run") < text.index("| loss | 0.5  |")
+    assert text.count("Logging to " + str(tmp_path)) == 2 and text.index("first run") < text.index("| loss | 0.5      |")
 
 
 def test_a_log_file_the_os_refuses_is_one_line(tmp_path):
@@ -561,3 +561,18 @@ def test_train_digits_models_says_in_one_line_what_went_wrong(tmp_path):
                            "--work_dir", str(tmp_path / "w")))
     assert line.startswith("error: training digits_classifier (classifier_train.py) failed: --log_dir ")
     assert "holds the checkpoints of an earlier run but no complete set" in line
+
+
+@pytest.mark.parametrize("script,flags,expected", [
+    ("image_train", ["--schedule_sampler", "unifrom"], "unknown schedule sampler 'unifrom'"),
+    ("image_train", ["--noise_schedule", "cosin"], "unknown beta schedule 'cosin'"),
+    ("image_train", ["--channel_mult", "1,x"], "cannot read channel_mult '1,x'"),
+    ("image_train", ["--use_fp16", "True", "--use_bf16", "True"], "--use_fp16 and --use_bf16 exclude each other"),
+    ("classifier_train", ["--classifier_pool", "adaptve"], "unknown pool 'adaptve'"),
+])
+def test_a_model_flag_no_network_takes_is_refused_before_the_log_folder_is_made(tmp_path, script, flags, expected,
+                                                                                capsys, script_process_group):
+    base = {"image_train": DIGITS + ["--max_steps", "1"], "classifier_train": CLASSIFIER + ["--iterations", "1"]}
+    code, err, _ = _cli(script, base[script] + flags + ["--log_dir", str(tmp_path / "log")], capsys)
+    assert expected in _one_line(code, err)
+    assert not (tmp_path / "log").exists()

@@ -1,13 +1,11 @@
 """ADM's sample scripts end to end on a tiny random-weight model: determinism, resume, ranks, errors."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,52 +15,7 @@ from guided_diffusion import script_util as su
 from guided_diffusion.eps_scaling import parse_eps_scale
 from guided_diffusion.file_util import sha256_file
 from guided_diffusion.sample_io import ImageNoise, image_labels, quantize
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-            num_head_channels=16, diffusion_steps=40, noise_schedule="cosine", learn_sigma=True,
-            use_new_attention_order=True, resblock_updown=True)
-TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()] + ["--timestep_respacing=6"]
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               PYTHONPATH=str(ROOT))
-    env.pop("OPENAI_LOGDIR", None)
-    return env
-
-
-def run_script(name, *flags, launcher=(), check=True):
-    cmd = [*launcher, sys.executable, str(ROOT / "scripts" / name), *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _randomized(net):
-    """ADM zero-initialises output layers; perturb every weight so all branches matter."""
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net.state_dict()
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    uncond = dict(su.model_and_diffusion_defaults(), **TINY)
-    model, _ = su.create_model_and_diffusion(**uncond)
-    torch.save(_randomized(model), folder / "uncond.pt")
-    cond = dict(uncond, class_cond=True, num_classes=10)
-    model, _ = su.create_model_and_diffusion(**cond)
-    torch.save(_randomized(model), folder / "cond.pt")
-    classifier = su.create_classifier(8, False, 32, 1, "4", True, True, "attention", classifier_channel_mult="1,2",
-                                      num_classes=10)
-    torch.save(_randomized(classifier), folder / "classifier.pt")
-    return folder
-
+from sample_scripts import ROOT, TINY, TINY_FLAGS, run_script, script_env, tiny_models  # noqa: F401 (a fixture)
 
 def sample(tmp_path, models, out, *extra, num=9, batch=4, launcher=()):
     flags = [*TINY_FLAGS, f"--model_path={models / 'uncond.pt'}", f"--num_samples={num}", f"--batch_size={batch}",
@@ -161,7 +114,7 @@ def test_kill_9_then_resume_gives_identical_npz(tmp_path, tiny_models):
     out = tmp_path / "killed"
     flags = [*TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=12", "--batch_size=2",
              f"--output_dir={out}", "--progress=False"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "image_sample.py"), *flags], env=_env(),
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "image_sample.py"), *flags], env=script_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "shards").glob("shard-*.npz"))) < 2:
