@@ -98,13 +98,30 @@ def test_find_free_port_gives_a_bindable_port():
         s.bind(("127.0.0.1", port))
 
 
-@pytest.mark.parametrize("failures,retries,succeeds", [(2, 3, True), (3, 3, False), (1, 1, False)])
-def test_single_process_setup_retries_a_taken_port(monkeypatch, failures, retries, succeeds):
+def _single_process(monkeypatch, cuda: bool):
     for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
                  "PMIX_RANK", "PMIX_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(dist_util.dist, "is_initialized", lambda: False)
+
+
+def test_a_single_cpu_process_opens_no_port(monkeypatch):
+    """A world of one on gloo rendezvous in-process: no port another process could take first."""
+    _single_process(monkeypatch, cuda=False)
+    calls = []
+    monkeypatch.setattr(dist_util.dist, "init_process_group", lambda **kw: calls.append(kw))
+    dist_util.setup_dist()
+    assert len(calls) == 1 and isinstance(calls[0]["store"], dist_util.dist.HashStore)
+    assert (calls[0]["backend"], calls[0]["rank"], calls[0]["world_size"]) == ("gloo", 0, 1)
+    assert "MASTER_PORT" not in os.environ
+
+
+@pytest.mark.parametrize("failures,retries,succeeds", [(2, 3, True), (3, 3, False), (1, 1, False)])
+def test_single_gpu_process_setup_retries_a_taken_port(monkeypatch, failures, retries, succeeds):
+    _single_process(monkeypatch, cuda=True)
     monkeypatch.setattr(dist_util, "SETUP_RETRY_COUNT", retries)
     calls = []
 
@@ -120,4 +137,4 @@ def test_single_process_setup_retries_a_taken_port(monkeypatch, failures, retrie
         with pytest.raises(RuntimeError, match="address already in use"):
             dist_util.setup_dist()
     assert len(calls) == (failures + 1 if succeeds else retries)
-    assert all(c[:3] == ("gloo", 0, 1) for c in calls)
+    assert all(c[:3] == ("nccl", 0, 1) for c in calls)
