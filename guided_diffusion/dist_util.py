@@ -93,10 +93,17 @@ def setup_dist() -> None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
-        addr = socket.gethostbyname(socket.getfqdn()) if comm.size > 1 else "127.0.0.1"
-        addr, port = comm.bcast((addr, _find_free_port()) if comm.rank == 0 else None, root=0)
+        store, where = None, None
+        if comm.rank == 0:
+            # the store binds a port the OS picks (0): no free-port guess another process could take first
+            addr = socket.gethostbyname(socket.getfqdn())
+            store = dist.TCPStore(addr, 0, world, is_master=True, wait_for_workers=False)
+            where = (addr, store.port)
+        addr, port = comm.bcast(where, root=0)
+        if store is None:
+            store = dist.TCPStore(addr, port, world, is_master=False)
         os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
         return
     if world == 1 and backend == "gloo":
         # a world of one needs no rendezvous: an in-process store, so no port can be taken meanwhile
