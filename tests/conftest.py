@@ -50,3 +50,20 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "model.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def script_process_group():
+    """The scripts set up torch.distributed (a world of one); undo it so other tests start clean."""
+    import torch.distributed as dist
+
+    was_initialized = dist.is_initialized()
+    env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    yield
+    if not was_initialized and dist.is_initialized():
+        dist.destroy_process_group()
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -20,7 +20,8 @@ TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()] + ["--timestep_respacing=6"
 def script_env():
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PYTHONPATH=str(ROOT))
-    env.pop("OPENAI_LOGDIR", None)
+    for name in ("OPENAI_LOGDIR", "MASTER_ADDR", "MASTER_PORT"):  # a script starts as from a fresh shell
+        env.pop(name, None)
     return env
 
 

@@ -434,23 +434,6 @@ def _script(name):
     return module
 
 
-@pytest.fixture
-def script_process_group():
-    """The scripts set up torch.distributed (a world of one); undo it so other tests start clean."""
-    import torch.distributed as dist
-
-    was_initialized = dist.is_initialized()
-    env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    yield
-    if not was_initialized and dist.is_initialized():
-        dist.destroy_process_group()
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 TINY_FLAGS = ["--data_dir", "digits", "--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
               "--channel_mult", "1", "--attention_resolutions", "", "--diffusion_steps", "50", "--batch_size", "8",
               "--lr", "1e-3", "--ema_rate", "0.9"]
