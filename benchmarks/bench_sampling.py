@@ -46,9 +46,11 @@ sys.path.insert(0, str(ROOT))
 
 from guided_diffusion import dist_util  # noqa: E402
 from guided_diffusion import script_util as su  # noqa: E402
-from guided_diffusion.file_util import atomic_write_text  # noqa: E402
-from guided_diffusion.sample_io import ImageNoise, image_labels  # noqa: E402
-from guided_diffusion.speed import AUTOCAST_REL_TOL, FLOAT32_ATOL, attention_backend, optimize_for_sampling  # noqa: E402
+from adm_common.cli import cli_main  # noqa: E402
+from adm_common.errors import UsageError  # noqa: E402
+from adm_common.files import atomic_write_text  # noqa: E402
+from guided_diffusion.image_noise import ImageNoise, image_labels  # noqa: E402
+from guided_diffusion.run.speed import AUTOCAST_REL_TOL, FLOAT32_ATOL, attention_backend, optimize_for_sampling  # noqa: E402
 
 SWITCHES = ("sdpa", "inference", "channels_last", "compile", "graphs", "bf16", "fp16", "adm_fp16", "tf32", "autotune")
 CUDA_ONLY = {
@@ -1074,15 +1076,15 @@ def run_processes(args, argv: list[str]) -> None:
 
 def cmd_run(args) -> None:
     if args.processes < 1:
-        raise su.UsageError(f"--processes must be at least 1, got {args.processes}")
+        raise UsageError(f"--processes must be at least 1, got {args.processes}")
     if args.processes > 1:
         if _device(args.device).type != "cpu":
-            raise su.UsageError("--processes splits a CPU's cores; on a GPU measure one process (--processes 1)")
+            raise UsageError("--processes splits a CPU's cores; on a GPU measure one process (--processes 1)")
         run_processes(args, args.argv)
         return
     if args.threads is not None:
         if args.threads < 1:
-            raise su.UsageError(f"--threads must be at least 1, got {args.threads}")
+            raise UsageError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     variants = parse_variants(args.variants)
@@ -1273,10 +1275,10 @@ def main(argv=None) -> None:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError, su.UsageError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    su.cli_main(main)
+    cli_main(main)

@@ -14,6 +14,7 @@ import torch
 
 from evaluations.inception import BACKENDS, InceptionFeatures, create_inception
 from evaluations.inception_file import GRAPH_URL, locate_inception_graph
+from adm_common.devices import check_device
 
 
 def add_inception_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,28 +36,6 @@ def add_inception_arguments(parser: argparse.ArgumentParser) -> None:
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
-
-
-def check_device(value: str, flag: str = "--device") -> None:
-    """Refuse a device this machine does not have (a typo, a GPU that is not there), in one line."""
-    if not value:
-        return
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"unknown {flag} {value!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"{flag} {value}: no CUDA GPU is visible on this machine; use {flag} cpu")
-        if (device.index or 0) >= count:
-            raise ValueError(f"{flag} {value}: only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(f"{flag} {value}: no Apple GPU (MPS) is available here; use {flag} cpu")
-    elif device.type != "cpu":
-        raise ValueError(f"{flag} {value}: the evaluator runs on cpu, cuda or cuda:N")
 
 
 def open_inception(args) -> tuple[InceptionFeatures, dict]:

@@ -24,14 +24,15 @@ from pathlib import Path
 import torch
 
 from evaluations.activations import BatchActivations, compute_activations
-from evaluations.cli import add_inception_arguments, check_batch_size, check_device, open_inception
+from adm_common.devices import check_device
+from evaluations.cli import add_inception_arguments, check_batch_size, open_inception
 from evaluations.feature_statistics import class_probabilities, inception_score
 from evaluations.files import check_output_file
 from evaluations.inception import InceptionFeatures
 from evaluations.manifold import DISTANCE_DTYPES, NEIGHBOURHOOD_SIZE, precision_recall
 from evaluations.npz_stream import NpzImages, read_stored_statistics, scan_batch_file
 from evaluations.report import format_table, write_json
-from guided_diffusion.script_util import cli_main
+from adm_common.cli import cli_main
 
 
 def read_batch(

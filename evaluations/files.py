@@ -1,7 +1,7 @@
 """Output files of the evaluator and of make_reference_batch: checked before any work, written whole.
 
 A file is written to a temporary sibling ``NAME.tmpPID`` (the writer's pid; the scheme of
-guided_diffusion.file_util, whose NpzWriter writes reference batches) and renamed over ``NAME``
+adm_common.files, whose NpzWriter writes reference batches) and renamed over ``NAME``
 only when complete, so a reader sees the old file or the new one, never a part. The temporary file
 is removed on every error; one left by a killed run (``kill -9``) is removed by the next run that
 writes the same file, once no live process has that pid.

@@ -2,7 +2,7 @@
 
 ``arr_0`` (uint8 [N, H, W, 3]) is read straight from its zip member with NumPy's .npy header
 reader, so 50k images at 512 px never sit in memory together (reference batches are written the
-same way, by guided_diffusion.file_util.NpzWriter). Reference batches may also hold precomputed
+same way, by adm_common.files.NpzWriter). Reference batches may also hold precomputed
 statistics (mu, sigma, mu_s, sigma_s), which ADM's evaluator uses instead of recomputing them.
 
 A damaged file (empty, truncated, a member whose bytes do not match its CRC-32) is a ValueError of

@@ -22,13 +22,8 @@ from evaluations.inception import InceptionFeatures
 from evaluations.files import check_output_file
 from evaluations.manifold import NEIGHBOURHOOD_SIZE
 from evaluations.npz_stream import NpzImages, damaged_file_errors, scan_batch_file
-from guided_diffusion.file_util import NpzWriter
-from guided_diffusion.image_datasets import (
-    IMAGE_EXTENSIONS,
-    center_crop_arr,
-    choose_indices,
-    list_image_files_recursively,
-)
+from adm_common.files import NpzWriter
+from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, choose_indices, list_image_files_recursively
 
 
 class FolderImages:

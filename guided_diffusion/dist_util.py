@@ -14,7 +14,8 @@ import socket
 import torch
 import torch.distributed as dist
 
-from .checkpoints import load_state_dict as _safe_load_state_dict
+from adm_common.launcher import launcher_env
+from guided_diffusion.run.checkpoints import load_state_dict as _safe_load_state_dict
 
 # ADM's names. GPUS_PER_NODE: GPUs of one node, for launchers that do not tell a rank its local
 # rank. SETUP_RETRY_COUNT: attempts at a single-process rendezvous (a free port can be taken
@@ -26,15 +27,7 @@ SETUP_RETRY_COUNT = 3
 
 def _launcher_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's or Open MPI / MPICH's environment."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    for prefix in ("OMPI_COMM_WORLD_", "PMI_", "PMIX_"):
-        if prefix + "RANK" in env and prefix + "SIZE" in env:
-            rank = int(env[prefix + "RANK"])
-            local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID"))
-            return rank, int(env[prefix + "SIZE"]), int(local) if local is not None else rank % GPUS_PER_NODE
-    return 0, 1, 0
+    return launcher_env(GPUS_PER_NODE)
 
 
 def launcher_rank() -> int:

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import logger
+from guided_diffusion import logger
 
 INITIAL_LOG_LOSS_SCALE = 20.0
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch as th
 from tqdm.auto import tqdm
 
-from .eps_scaling import EpsScale, adm_es_eps_scale, parse_eps_scale, resolve_eps_scale, scale_eps
-from .losses import discretized_gaussian_log_likelihood, normal_kl
-from .nn import mean_flat
-from .sample_io import standard_normal
+from guided_diffusion.eps_scaling import EpsScale, adm_es_eps_scale, parse_eps_scale, resolve_eps_scale, scale_eps
+from guided_diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
+from guided_diffusion.nn import mean_flat
+from guided_diffusion.image_noise import standard_normal
 
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -358,7 +358,7 @@ class GaussianDiffusion:
     ):
         """One ancestral step x_t -> x_{t-1}; returns dict 'sample', 'pred_xstart'.
 
-        ``generator``: None (torch's global RNG), a torch.Generator or a sample_io.ImageNoise.
+        ``generator``: None (torch's global RNG), a torch.Generator or a image_noise.ImageNoise.
         """
         out = self.p_mean_variance(
             model,

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import dist_util, logger
-from .digits import DIGITS_NUM_CLASSES, DigitsDataset, checked_digits_size, is_digits_spec
-from .errors import UsageError
+from guided_diffusion import dist_util, logger
+from guided_diffusion.digits.data import DIGITS_NUM_CLASSES, DigitsDataset, checked_digits_size, is_digits_spec
+from adm_common.errors import UsageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 

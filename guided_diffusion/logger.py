@@ -42,8 +42,8 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 
-from .errors import UsageError
-from .file_util import disk_full_error, temp_path_for, writing
+from adm_common.errors import UsageError
+from adm_common.files import disk_full_error, temp_path_for, writing
 
 DEBUG = 10
 INFO = 20

@@ -7,19 +7,16 @@ diffusions; ``load_config`` reads guided_diffusion/configs/NAME.yaml (the flags 
 from __future__ import annotations
 
 import argparse
-import errno
 import inspect
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from . import gaussian_diffusion as gd
-from .errors import UsageError
-from .sample_io import DEFAULT_NETWORK_BATCH
-from .respace import SpacedDiffusion, space_timesteps
-from .unet import EncoderUNetModel, SuperResModel, UNetModel
+from guided_diffusion import gaussian_diffusion as gd
+from adm_common.errors import UsageError
+from guided_diffusion.run.batching import DEFAULT_NETWORK_BATCH
+from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion.unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
 
@@ -629,64 +626,6 @@ def output_folder(output_dir: str, default: str) -> Path:
     return folder
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's preemption, ``kill``), raised where the process is, like Ctrl-C, so
-    that the same clean-up runs."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-def _one_line_usage_error(parser, message):
-    """argparse's ``error`` without the usage block: one line, through cli_main."""
-    raise UsageError(f"{message} (see {parser.prog} --help)")
-
-
-def _os_error_line(exc: OSError) -> str:
-    where = f" {exc.filename}" if exc.filename else ""
-    if exc.errno == errno.ENOSPC:
-        return (f"no space left on the device writing{where}; free some space and rerun the same "
-                "command (finished work is kept)")
-    if exc.errno == errno.EDQUOT:
-        return f"disk quota exceeded writing{where}; free some space and rerun the same command"
-    if exc.errno is not None and exc.strerror:
-        return f"{exc.strerror}:{where}" if where else exc.strerror
-    return str(exc)
-
-
-def cli_main(main):
-    """Run a script's ``main``. A user error (argparse's included), a file the OS refuses, or a full
-    disk ends as one ``error: ...`` line on stderr (rank 0 only) and exit status 2; Ctrl-C and
-    SIGTERM end as one line with status 130 / 143 after the script's own clean-up has run.
-    Anything else is a bug and keeps its traceback."""
-    from .dist_util import launcher_rank
-
-    def fail(message: str, status: int):
-        if launcher_rank() == 0:
-            print(f"error: {message}", file=sys.stderr)
-        sys.exit(status)
-
-    parser_error = argparse.ArgumentParser.error
-    argparse.ArgumentParser.error = _one_line_usage_error
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    term_handler = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    try:
-        main()
-    except Terminated:
-        fail("terminated (SIGTERM); rerun the same command to resume", 128 + signal.SIGTERM)
-    except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to resume", 128 + signal.SIGINT)
-    except (UsageError, ValueError) as exc:
-        fail(str(exc), 2)
-    except OSError as exc:
-        fail(_os_error_line(exc), 2)
-    finally:
-        argparse.ArgumentParser.error = parser_error
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, term_handler)
-
-
 # ---------------------------------------------------------------------------------------------
 # Flags every sampling script shares, and the lambda a run uses
 
@@ -727,7 +666,7 @@ def add_sampling_args(parser) -> None:
 def eps_scale_flag(args):
     """The lambda the user typed: ``--eps_scale``, else ADM-ES's numeric ``--eps_scaler`` (0, its
     default, means not given); None when neither. Both, disagreeing, is refused."""
-    from .eps_scaling import adm_es_eps_scale, parse_eps_scale
+    from guided_diffusion.eps_scaling import adm_es_eps_scale, parse_eps_scale
 
     typed = getattr(args, "eps_scale", None)
     adm_es = adm_es_eps_scale(getattr(args, "eps_scaler", None))
@@ -748,7 +687,7 @@ def sampling_eps_scale(flag_value, config: dict | None, num_steps: int, table: s
     explicitly and fail when there is none. ``table`` names the config's table of uniform lambdas
     where it is not "uniform" (EDM's configs have one per solver: heun, euler).
     """
-    from .eps_scaling import parse_eps_scale
+    from guided_diffusion.eps_scaling import parse_eps_scale
 
     kind = None
     if flag_value is None:

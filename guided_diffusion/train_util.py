@@ -52,14 +52,21 @@ import torch.nn.functional as F
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from . import dist_util, logger
-from .checkpoints import check_fits, load_state_dict
-from .errors import UsageError
-from .file_util import acquire_lock, atomic_write_text, folder_lock_file, release_lock, temp_path_for, writing
-from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer, get_param_groups_and_shapes
-from .nn import update_ema
-from .resample import LossAwareSampler, UniformSampler
-from .sample_io import mixed_seed
+from guided_diffusion import dist_util, logger
+from guided_diffusion.run.checkpoints import check_fits, load_state_dict
+from adm_common.errors import UsageError
+from adm_common.files import (
+    acquire_lock,
+    atomic_write_text,
+    folder_lock_file,
+    release_lock,
+    temp_path_for,
+    writing,
+)
+from guided_diffusion.fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer, get_param_groups_and_shapes
+from guided_diffusion.nn import update_ema
+from guided_diffusion.resample import LossAwareSampler, UniformSampler
+from guided_diffusion.image_noise import mixed_seed
 
 _STEP_IN_NAME = re.compile(r"model(\d+)\.")
 _EMA_OR_OPT_NAME = re.compile(r"(ema_[\d.]+_|opt)\d+\.")
@@ -1016,8 +1023,8 @@ def check_training_flags(args) -> None:
     """Refuse, in one line and before anything is created, the flags of a training script that no
     run can use: sizes and counts below 1, a microbatch larger than the batch, negative step
     limits (--max_steps -1 is "no limit"), a data folder or checkpoint that is not there."""
-    from .digits import is_digits_spec
-    from .sampling import check_size_flags
+    from guided_diffusion.digits.data import is_digits_spec
+    from guided_diffusion.run.pipeline import check_size_flags
 
     check_size_flags(args)
     fp16 = "--classifier_use_fp16" if hasattr(args, "classifier_use_fp16") else "--use_fp16"
@@ -1123,7 +1130,7 @@ def _resume_point(folder: str, args, flag: str):
 
 def _on_rank0(action):
     """``action()`` on rank 0, its result on every rank; a user error on rank 0 is raised on all of them."""
-    from .sample_io import together
+    from guided_diffusion.run.collective import together
 
     result = together(action if dist_util.get_rank() == 0 else None)
     if dist_util.get_world_size() > 1:
@@ -1150,7 +1157,7 @@ def start_training(args, build=None) -> TrainingRun:
     dist_util.setup_dist()
     torch.manual_seed(args.seed)  # nothing below draws from it before ``build`` (ADM's initial weights)
     built = build() if build is not None else None
-    from .sample_io import together
+    from guided_diffusion.run.collective import together
 
     flag = _log_folder_flag(args)
     # rank 0 names the folder (ADM's time-stamped temp folder would differ from rank to rank)

@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp16_util import convert_module_to_f16, convert_module_to_f32
-from .nn import (
+from guided_diffusion.fp16_util import convert_module_to_f16, convert_module_to_f32
+from guided_diffusion.nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,

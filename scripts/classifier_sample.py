@@ -9,13 +9,13 @@ Example:
 import argparse
 import math
 
-from guided_diffusion import sampling
+from guided_diffusion.run import pipeline as sampling
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
-    UsageError,
     add_dict_to_argparser,
     add_sampling_args,
     classifier_defaults,
-    cli_main,
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,

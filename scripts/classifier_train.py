@@ -20,20 +20,16 @@ import argparse
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.sample_io import together
+from guided_diffusion.run.collective import together
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
     classifier_and_diffusion_defaults,
     classifier_training_defaults,
-    cli_main,
     create_classifier_and_diffusion,
 )
-from guided_diffusion.train_util import (
-    ClassifierTrainLoop,
-    parse_resume_step_from_filename,
-    start_training,
-)
+from guided_diffusion.train_util import ClassifierTrainLoop, parse_resume_step_from_filename, start_training
 
 
 def create_argparser():

@@ -9,8 +9,8 @@ Example:
 import argparse
 from pathlib import Path
 
-from guided_diffusion.edm_pickle import convert_edm_pickle
-from guided_diffusion.script_util import cli_main
+from guided_diffusion.edm.pickles import convert_edm_pickle
+from adm_common.cli import cli_main
 
 
 def create_argparser():

@@ -11,8 +11,9 @@ import sys
 
 import torch
 
-from guided_diffusion.digits_demo import run_demo
-from guided_diffusion.script_util import UsageError, cli_main
+from guided_diffusion.digits.demo import run_demo
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 
 
 def main():

@@ -12,12 +12,14 @@ Example:
 
 import argparse
 
-from guided_diffusion import diffusers_es, dist_util, logger, sampling
+from guided_diffusion import dist_util, logger
+from guided_diffusion.bridges import diffusers_es
+from guided_diffusion.run import pipeline as sampling
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
-    UsageError,
     add_dict_to_argparser,
     add_sampling_args,
-    cli_main,
     parse_args_with_config,
     sampling_eps_scale,
 )

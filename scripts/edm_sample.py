@@ -23,8 +23,9 @@ Examples:
 
 import argparse
 
-from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.edm_generate import (
+from guided_diffusion import dist_util, logger
+from guided_diffusion.run import pipeline as sampling
+from guided_diffusion.edm.generate import (
     OUTPUT_FORMATS,
     QUANTIZATIONS,
     SeedListRun,
@@ -34,9 +35,9 @@ from guided_diffusion.edm_generate import (
     seed_batches,
     write_png_folder,
 )
-from guided_diffusion.edm_pickle import load_edm_network
-from guided_diffusion.file_util import sha256_file
-from guided_diffusion.karras import (
+from guided_diffusion.edm.pickles import load_edm_network
+from adm_common.files import sha256_file
+from guided_diffusion.edm.samplers import (
     DISCRETIZATIONS,
     SOLVERS,
     ADMDenoiser,
@@ -45,12 +46,14 @@ from guided_diffusion.karras import (
     network_evaluations,
     sampling_sigmas,
 )
-from guided_diffusion.sample_io import STREAM_EXTRA, AlignedNetwork, ImageNoise, image_labels, run_sampling
+from guided_diffusion.image_noise import STREAM_EXTRA, ImageNoise, image_labels
+from guided_diffusion.run.batching import AlignedNetwork
+from guided_diffusion.run.output import run_sampling
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
-    UsageError,
     add_dict_to_argparser,
     add_sampling_args,
-    cli_main,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_args_with_config,
@@ -176,7 +179,7 @@ def main():
         sigmas=[float(s) for s in sigmas], config=config["path"] if config else None,
         quantization=args.quantization,
         randomness=("EDM's generate.py: a torch.Generator per seed on " + device.type) if seeds is not None
-        else "per image: sample_io.ImageNoise(seed, index)",
+        else "per image: image_noise.ImageNoise(seed, index)",
     )
     image_shape = (shape[1], shape[2], shape[0])
 

@@ -15,8 +15,8 @@ import argparse
 import math
 from pathlib import Path
 
-from guided_diffusion import sampling
-from guided_diffusion.exposure_bias import (
+from guided_diffusion.run import pipeline as sampling
+from guided_diffusion.analysis.exposure_bias import (
     load_images,
     measure_exposure_bias,
     runs_to_dict,
@@ -24,12 +24,12 @@ from guided_diffusion.exposure_bias import (
     write_json,
     write_plot,
 )
-from guided_diffusion.file_util import lock_output_folder
-from guided_diffusion.lambda_search import calibrate_eps_scale
+from adm_common.files import lock_output_folder
+from guided_diffusion.analysis.lambda_search import calibrate_eps_scale
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
-    UsageError,
     add_dict_to_argparser,
-    cli_main,
     create_model_and_diffusion,
     eps_scale_flag,
     model_and_diffusion_defaults,

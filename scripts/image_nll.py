@@ -14,13 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from guided_diffusion import dist_util, logger, sampling
-from guided_diffusion.file_util import atomic_write_text
+from guided_diffusion import dist_util, logger
+from guided_diffusion.run import pipeline as sampling
+from adm_common.files import atomic_write_text
 from guided_diffusion.image_datasets import load_data
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
-    UsageError,
     add_dict_to_argparser,
-    cli_main,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_args_with_config,

@@ -8,11 +8,11 @@ Example:
 
 import argparse
 
-from guided_diffusion import sampling
+from guided_diffusion.run import pipeline as sampling
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     add_sampling_args,
-    cli_main,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_args_with_config,

@@ -9,9 +9,10 @@ training data are (evaluations/reference_batch.py). OUT.npz appears only when co
 
 import argparse
 
-from evaluations.cli import add_inception_arguments, check_batch_size, check_device, open_inception
+from adm_common.devices import check_device
+from evaluations.cli import add_inception_arguments, check_batch_size, open_inception
 from evaluations.reference_batch import plan_reference_batch, write_reference_batch
-from guided_diffusion.script_util import cli_main
+from adm_common.cli import cli_main
 
 
 def main(argv=None):

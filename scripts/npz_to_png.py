@@ -21,8 +21,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from evaluations.npz_stream import NpzImages
-from guided_diffusion.file_util import is_temp_name, locked, temp_path_for, writing
-from guided_diffusion.script_util import UsageError, cli_main
+from adm_common.files import is_temp_name, locked, temp_path_for, writing
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 
 LABELS_MEMBER = "arr_1.npy"
 

@@ -5,8 +5,8 @@ usage: python scripts/paper_commands.py CONFIG STEPS {base,es,es-linear} [--num_
 Each command is one line of shell, every path quoted; guided_diffusion/paper_cells.py writes them.
 """
 
-from guided_diffusion.paper_cells import main
-from guided_diffusion.script_util import cli_main
+from guided_diffusion.run.paper_cells import main
+from adm_common.cli import cli_main
 
 if __name__ == "__main__":
     cli_main(main)

@@ -20,11 +20,12 @@ import json
 import warnings
 from pathlib import Path
 
-from guided_diffusion import sampling
+from adm_common.devices import check_device
+from guided_diffusion.run import pipeline as sampling
 from guided_diffusion.eps_scaling import EpsScale
-from guided_diffusion.exposure_bias import load_images, write_json
-from guided_diffusion.file_util import lock_output_folder, sha256_file
-from guided_diffusion.lambda_search import (
+from guided_diffusion.analysis.exposure_bias import load_images, write_json
+from adm_common.files import lock_output_folder, sha256_file
+from guided_diffusion.analysis.lambda_search import (
     EVALUATOR_METRICS,
     EvaluationCache,
     LambdaSearch,
@@ -37,11 +38,11 @@ from guided_diffusion.lambda_search import (
     sampling_metric,
     write_search_plot,
 )
-from guided_diffusion.sample_io import quantize
+from guided_diffusion.run.output import quantize
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
-    UsageError,
     add_dict_to_argparser,
-    cli_main,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     output_folder,
@@ -85,7 +86,7 @@ def check_args(args):
         raise UsageError(f"--metric {args.metric} compares with data images; pass --data_dir (a folder, an .npz or digits)")
     if args.metric not in DATA_METRICS and not args.ref_batch:
         raise UsageError(f"--metric {args.metric} needs ADM's reference batch; pass --ref_batch REF.npz")
-    sampling.check_device(args.device)
+    check_device(args.device)
     for flag in ("num_images", "num_samples", "batch_size", "grid", "rounds"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -101,7 +102,7 @@ def make_score(args, data_images):
         reference = {"data_dir": args.data_dir, "num_images": len(data_images), "seed": 0}
         features = pixel_features
         if args.metric == "digit_fd":
-            from guided_diffusion.digit_features import FEATURES_FILE, digit_features, load_digit_features
+            from guided_diffusion.digits.features import FEATURES_FILE, digit_features, load_digit_features
 
             features = functools.partial(digit_features, load_digit_features())
             reference["features_sha256"] = sha256_file(FEATURES_FILE)

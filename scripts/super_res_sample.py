@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guided_diffusion import dist_util, sampling
-from guided_diffusion.file_util import sha256_file
-from guided_diffusion.sample_io import dequantize
+from guided_diffusion import dist_util
+from guided_diffusion.run import pipeline as sampling
+from adm_common.files import sha256_file
+from guided_diffusion.run.output import dequantize
+from adm_common.errors import UsageError
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
     NUM_CLASSES,
-    UsageError,
     add_dict_to_argparser,
     add_sampling_args,
-    cli_main,
     parse_args_with_config,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,

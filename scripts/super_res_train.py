@@ -13,21 +13,17 @@ import argparse
 from guided_diffusion import dist_util, logger
 from guided_diffusion.image_datasets import load_superres_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.sample_io import together
+from guided_diffusion.run.collective import together
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
-    cli_main,
     diffusion_training_defaults,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import (
-    parse_resume_step_from_filename,
-    start_training,
-    train_loop_from_args,
-)
+from guided_diffusion.train_util import parse_resume_step_from_filename, start_training, train_loop_from_args
 
 
 def create_argparser():

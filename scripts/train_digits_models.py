@@ -10,8 +10,8 @@ checkpoint set in --work_dir); a training script's error is one line naming the 
 import argparse
 from pathlib import Path
 
-from guided_diffusion.digits_training import SHIPPED, shipped_sizes, train_features, train_network
-from guided_diffusion.script_util import cli_main
+from guided_diffusion.digits.training import SHIPPED, shipped_sizes, train_features, train_network
+from adm_common.cli import cli_main
 
 
 def main():

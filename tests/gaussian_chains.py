@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from guided_diffusion import gaussian_diffusion as gd
+from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
-    cli_main,
     create_gaussian_diffusion,
     create_model_and_diffusion,
     model_and_diffusion_defaults,

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from guided_diffusion.checkpoints import check_fits, infer_unet_flags, load_model_weights, load_state_dict
-from guided_diffusion.errors import UsageError
+from guided_diffusion.run.checkpoints import check_fits, infer_unet_flags, load_model_weights, load_state_dict
+from adm_common.errors import UsageError
 
 UNET_LAYOUTS = [
     "imagenet64_cond", "imagenet128_cond", "imagenet256_cond", "imagenet256_uncond", "imagenet512_cond",
@@ -118,7 +118,7 @@ def test_mismatch_names_the_first_keys_and_the_flag_that_explains_them(tmp_path)
 
 
 def test_matching_checkpoint_loads_exactly_and_reports_its_hash(tmp_path):
-    from guided_diffusion.file_util import sha256_file
+    from adm_common.files import sha256_file
 
     source = _tiny_unet()
     with torch.no_grad():

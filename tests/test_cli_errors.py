@@ -1,4 +1,4 @@
-"""script_util.cli_main: every way a script can end on the user's side is one `error:` line."""
+"""adm_common.cli.cli_main: every way a script can end on the user's side is one `error:` line."""
 
 import os
 import signal
@@ -48,7 +48,7 @@ def _main_that(body: str) -> str:
     """A script whose main() runs ``body``, through cli_main."""
     return "\n".join([
         "import errno, os, signal",
-        "from guided_diffusion.script_util import cli_main",
+        "from adm_common.cli import cli_main",
         "def main():",
         textwrap.indent(textwrap.dedent(body).strip("\n"), "    "),
         "cli_main(main)",

@@ -8,7 +8,7 @@ import torch
 
 from guided_diffusion import script_util as su
 from guided_diffusion.eps_scaling import parse_eps_scale
-from guided_diffusion.errors import UsageError
+from adm_common.errors import UsageError
 
 CONFIGS = sorted(p.stem for p in su.CONFIG_DIR.glob("*.yaml"))
 ADM_CONFIGS = [name for name in CONFIGS if su.load_config(name).get("kind") != "edm"]

@@ -9,14 +9,8 @@ import torch
 from PIL import Image
 
 from guided_diffusion import dist_util, image_datasets
-from guided_diffusion.digits import DigitsDataset, digits_arrays, parse_digits_spec
-from guided_diffusion.image_datasets import (
-    ImageDataset,
-    center_crop_arr,
-    load_data,
-    load_superres_data,
-    random_crop_arr,
-)
+from guided_diffusion.digits.data import DigitsDataset, digits_arrays, parse_digits_spec
+from guided_diffusion.image_datasets import ImageDataset, center_crop_arr, load_data, load_superres_data, random_crop_arr
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 

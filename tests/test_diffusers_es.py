@@ -20,7 +20,7 @@ diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is not installed: pip install 'guided-diffusion-es[diffusers]'"
 )
 
-from guided_diffusion.diffusers_es import (  # noqa: E402
+from guided_diffusion.bridges.diffusers_es import (  # noqa: E402
     UNetNetwork,
     apply_eps_scaling,
     eps_scaling,
@@ -34,9 +34,9 @@ from guided_diffusion.diffusers_es import (  # noqa: E402
     use_scheduler,
 )
 from guided_diffusion.eps_scaling import EpsScaleError  # noqa: E402
-from guided_diffusion.errors import UsageError  # noqa: E402
-from guided_diffusion.sample_io import image_generator  # noqa: E402
-from guided_diffusion.speed import optimize_for_sampling  # noqa: E402
+from adm_common.errors import UsageError  # noqa: E402
+from guided_diffusion.image_noise import image_generator  # noqa: E402
+from guided_diffusion.run.speed import optimize_for_sampling  # noqa: E402
 from diffusers_models import (  # noqa: E402
     ROOT,
     TRAIN_STEPS,
@@ -318,7 +318,7 @@ def diffusers_trajectory(scheduler, x, learned_variance, generator, **step_kwarg
 def test_adm_ddim_and_diffusers_ddim_with_es_give_the_same_trajectory(eta):
     """ADM "ddim10" on the cosine schedule is diffusers' squaredcos_cap_v2 with leading spacing; ADM
     clips x0 and re-derives the noise from it, which is diffusers' use_clipped_model_output."""
-    from guided_diffusion.sample_io import ImageNoise
+    from guided_diffusion.image_noise import ImageNoise
 
     spec, indices = "linear:k=0.004,b=1.002", [5, 9]
     diffusion = adm_diffusion("ddim10", learn_sigma=False)
@@ -352,7 +352,7 @@ def test_adm_ancestral_learned_range_and_diffusers_ddpm_with_es_give_the_same_tr
     """ADM respacing "10" keeps timesteps 0, 111, ..., 999: diffusers' DDPMScheduler with those as
     custom timesteps and learned-range variance takes the same steps."""
     from guided_diffusion.respace import space_timesteps
-    from guided_diffusion.sample_io import ImageNoise
+    from guided_diffusion.image_noise import ImageNoise
 
     spec, indices = "1.01", [0, 3, 4]
     diffusion = adm_diffusion("10", learn_sigma=True)

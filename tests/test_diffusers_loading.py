@@ -19,9 +19,9 @@ diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is not installed: pip install 'guided-diffusion-es[diffusers]'"
 )
 
-from guided_diffusion.diffusers_es import load_pipeline, quiet_loading, sample_images  # noqa: E402
-from guided_diffusion.errors import UsageError  # noqa: E402
-from guided_diffusion.sample_io import quantize  # noqa: E402
+from guided_diffusion.bridges.diffusers_es import load_pipeline, quiet_loading, sample_images  # noqa: E402
+from adm_common.errors import UsageError  # noqa: E402
+from guided_diffusion.run.output import quantize  # noqa: E402
 from diffusers_models import ROOT, TRAIN_STEPS, run_script_in_process, tiny_ldm  # noqa: E402
 
 # Settings that would hide the libraries' output whatever the code does.
@@ -105,7 +105,7 @@ def run_script(models, *flags):
 @pytest.mark.parametrize("model,message", [
     ("{text_to_image}", "--model {text_to_image} is a StableDiffusionPipeline, a text-to-image pipeline, which this "
                         "script cannot run: it samples the unconditional DDPMPipeline, DDIMPipeline and LDMPipeline; "
-                        "in Python, guided_diffusion.diffusers_es.apply_eps_scaling(pipe, ...)"),
+                        "in Python, guided_diffusion.bridges.diffusers_es.apply_eps_scaling(pipe, ...)"),
     ("tiny/text-to-image", "--model tiny/text-to-image is a StableDiffusionPipeline, a text-to-image pipeline"),
     ("{broken}", "cannot load the LDMPipeline of --model {broken}: "),
     ("google/ddpm-nope-32", "--model google/ddpm-nope-32 is not a folder here and not in the Hugging Face cache, "

@@ -21,7 +21,7 @@ diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is not installed: pip install 'guided-diffusion-es[diffusers]'"
 )
 
-from guided_diffusion.diffusers_es import (  # noqa: E402
+from guided_diffusion.bridges.diffusers_es import (  # noqa: E402
     SCHEDULER_FLAGS,
     apply_eps_scaling,
     check_pairing,
@@ -30,8 +30,8 @@ from guided_diffusion.diffusers_es import (  # noqa: E402
     sample_images,
     use_scheduler,
 )
-from guided_diffusion.errors import UsageError  # noqa: E402
-from guided_diffusion.sample_io import image_generator  # noqa: E402
+from adm_common.errors import UsageError  # noqa: E402
+from guided_diffusion.image_noise import image_generator  # noqa: E402
 from diffusers_models import ROOT, TRAIN_STEPS, linear_scheduler, quiet, tiny_ldm, tiny_unet  # noqa: E402
 
 SEED, STEPS, K, B = 11, 3, 0.01, 1.02

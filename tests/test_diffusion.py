@@ -12,16 +12,8 @@ import torch as th
 import torch.nn.functional as F
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.losses import (
-    approx_standard_normal_cdf,
-    discretized_gaussian_log_likelihood,
-    normal_kl,
-)
-from guided_diffusion.resample import (
-    LossSecondMomentResampler,
-    UniformSampler,
-    create_named_schedule_sampler,
-)
+from guided_diffusion.losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
+from guided_diffusion.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
 from adm_reference import (

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.digit_features import digit_features, load_digit_features
-from guided_diffusion.digits import digits_arrays
-from guided_diffusion.digits_demo import DigitsBench, _paired_gain, _verdict, load_shipped, run_demo
-from guided_diffusion.digits_training import shipped_sizes
+from guided_diffusion.digits.features import digit_features, load_digit_features
+from guided_diffusion.digits.data import digits_arrays
+from guided_diffusion.digits.demo import DigitsBench, _paired_gain, _verdict, load_shipped, run_demo
+from guided_diffusion.digits.training import shipped_sizes
 from guided_diffusion.eps_scaling import EpsScale
-from guided_diffusion.errors import UsageError
-from guided_diffusion.file_util import folder_lock_file, locked
-from guided_diffusion.sample_io import quantize
+from adm_common.errors import UsageError
+from adm_common.files import folder_lock_file, locked
+from guided_diffusion.run.output import quantize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_demo_output_folder_problems_are_one_line(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with locked(folder_lock_file(out), "another demo"):  # held by another run (the lock is per process)
-        code = (f"from guided_diffusion.digits_demo import run_demo; run_demo({str(out)!r}, num_samples=4, "
+        code = (f"from guided_diffusion.digits.demo import run_demo; run_demo({str(out)!r}, num_samples=4, "
                 "batch_size=4, seeds=(0,), steps=(2,), search_steps=2, progress=False, cond_steps=(2,))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))

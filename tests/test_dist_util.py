@@ -59,7 +59,8 @@ def test_launcher_environment(monkeypatch, env, expected):
 @pytest.mark.parametrize("env,printed", [({"PMI_RANK": "1", "PMI_SIZE": "2"}, False),
                                          ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"}, True)])
 def test_only_rank_zero_prints_a_user_error(monkeypatch, capsys, env, printed):
-    from guided_diffusion.script_util import UsageError, cli_main
+    from adm_common.errors import UsageError
+    from adm_common.cli import cli_main
 
     for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -1,4 +1,4 @@
-"""EDM's networks (edm_networks.py): layouts against published sizes and ADM's layout, layers
+"""EDM's networks (edm/networks.py): layouts against published sizes and ADM's layout, layers
 against closed forms, preconditioning formulas against EDM's Table 1."""
 
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion import edm_networks as en
+from guided_diffusion.edm import networks as en
 
 DDPMPP_CIFAR = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
                     decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,

@@ -1,4 +1,4 @@
-"""EDM pickles (edm_pickle.py): files written here in EDM's format (torch_utils.persistence records,
+"""EDM pickles (edm/pickles.py): files written here in EDM's format (torch_utils.persistence records,
 source code embedded) load without running anything, planted payloads are refused, and the
 networks that come out compute what went in. Also scripts/convert_edm_pkl.py and edm_sample.py."""
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import edm_networks as en
-from guided_diffusion.edm_pickle import (
+from guided_diffusion.edm import networks as en
+from guided_diffusion.edm.pickles import (
     EDMPickleError,
     PersistentRecord,
     convert_edm_pickle,
@@ -309,7 +309,7 @@ def test_convert_script_refuses_bad_inputs_and_outputs_in_one_line_writing_nothi
     ("cut safetensors", "net.safetensors is not a readable safetensors file"),
 ])
 def test_a_damaged_converted_network_is_one_line(persistence_module, tmp_path, damage, expected):
-    from guided_diffusion.errors import UsageError
+    from adm_common.errors import UsageError
 
     net, kwargs = make_network()
     out = convert_edm_pickle(write_edm_pickle(tmp_path / "net.pkl", net, kwargs), tmp_path / "c" / "net.safetensors")
@@ -370,8 +370,8 @@ def test_edm_sample_script_uses_the_papers_lambda(persistence_module, tmp_path):
 
 def test_checkpoint_with_code_is_refused_without_the_unsafe_advice(tmp_path):
     """checkpoints.load_state_dict shares the refusal text: what torch refused, never its advice."""
-    from guided_diffusion.checkpoints import load_state_dict
-    from guided_diffusion.errors import UsageError
+    from guided_diffusion.run.checkpoints import load_state_dict
+    from adm_common.errors import UsageError
 
     marker = tmp_path / "payload-ran"
     path = tmp_path / "model.pt"

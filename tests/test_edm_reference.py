@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import REFERENCE_DIR, load_reference
-from guided_diffusion.edm_networks import build_edm_network
-from guided_diffusion.edm_pickle import convert_edm_pickle, load_edm_network
-from guided_diffusion.karras import BoundDenoiser, edm_sigmas, karras_sample, sampling_sigmas
+from guided_diffusion.edm.networks import build_edm_network
+from guided_diffusion.edm.pickles import convert_edm_pickle, load_edm_network
+from guided_diffusion.edm.samplers import BoundDenoiser, edm_sigmas, karras_sample, sampling_sigmas
 
 NAMES = ["edm-ddpmpp-cond-16", "vp-ddpmpp-uncond-16"]
 

@@ -22,7 +22,7 @@ from adm_reference import (
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.eps_scaling import EpsScaleError
-from guided_diffusion.sample_io import ImageNoise
+from guided_diffusion.image_noise import ImageNoise
 
 SHAPE = (3, 2, 4, 4)
 EPS_CONST = 0.3

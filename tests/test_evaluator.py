@@ -31,7 +31,7 @@ from evaluations.manifold import (
     squared_distances,
 )
 from evaluations.npz_stream import NpzImages, read_stored_statistics
-from guided_diffusion.file_util import NpzWriter
+from adm_common.files import NpzWriter
 
 
 def _random_statistics(rng, dim: int, count: int) -> FIDStatistics:

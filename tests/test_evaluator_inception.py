@@ -33,7 +33,7 @@ from evaluations.inception_file import locate_inception_graph
 from evaluations.reference_batch import plan_reference_batch, write_reference_batch
 from evaluations.torch_backend import TorchInception
 from evaluations.torch_graph import OPS, TorchGraph
-from guided_diffusion.script_util import cli_main
+from adm_common.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None

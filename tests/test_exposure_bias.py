@@ -30,7 +30,7 @@ from gaussian_chains import (
 )
 from PIL import Image
 
-from guided_diffusion.exposure_bias import (
+from guided_diffusion.analysis.exposure_bias import (
     STEP_COLUMNS,
     exposure_delta,
     load_images,
@@ -41,7 +41,7 @@ from guided_diffusion.exposure_bias import (
     write_json,
     write_plot,
 )
-from guided_diffusion.sample_io import ImageNoise
+from guided_diffusion.image_noise import ImageNoise
 
 def measure(s2, mult=1.0, eps_scale=None, respacing="10", **kwargs):
     diffusion = gaussian_diffusion(respacing)

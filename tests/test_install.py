@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "guided_diffusion"
 # What setup.py builds from; the build runs on a copy so it writes no build/ or egg-info here.
-BUILD_INPUTS = ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "guided_diffusion", "evaluations")
+BUILD_INPUTS = ("setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "guided_diffusion", "evaluations", "adm_common")
 SAMPLE_FLAGS = ["--config", "digits_uncond", "--num_samples", "8", "--seed", "3", "--output_dir", "out"]
 
 

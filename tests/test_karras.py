@@ -1,4 +1,4 @@
-"""EDM samplers with Epsilon Scaling (karras.py): closed forms on Gaussian data, hand-computed
+"""EDM samplers with Epsilon Scaling (edm/samplers.py): closed forms on Gaussian data, hand-computed
 steps, noise streams, the ADM-checkpoint wrapper, and scripts/edm_sample.py on an ADM model."""
 
 import json
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from guided_diffusion.eps_scaling import EpsScaleError
-from guided_diffusion.karras import (
+from guided_diffusion.edm.samplers import (
     ADMDenoiser,
     edm_sigmas,
     iddpm_sigmas,
@@ -22,7 +22,7 @@ from guided_diffusion.karras import (
     network_evaluations,
     sampling_sigmas,
 )
-from guided_diffusion.sample_io import ImageNoise
+from guided_diffusion.image_noise import ImageNoise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +193,7 @@ EDM_IDDPM_6 = {
 
 @pytest.mark.parametrize("bounds", list(EDM_IDDPM_6))
 def test_iddpm_discretization_on_an_iddpm_network_gives_edms_levels(bounds):
-    from guided_diffusion.edm_networks import build_edm_network
+    from guided_diffusion.edm.networks import build_edm_network
 
     net = build_edm_network("iDDPMPrecond", dict(img_resolution=8, img_channels=3, model_channels=16,
                                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]))

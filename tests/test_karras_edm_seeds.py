@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from conftest import REFERENCE_DIR
-from guided_diffusion.edm_generate import parse_seeds, quantize_edm, sample_seeds, seed_batches
-from guided_diffusion.errors import UsageError
-from guided_diffusion.karras import EDMSeedNoise
-from guided_diffusion.sample_io import quantize
+from guided_diffusion.edm.generate import parse_seeds, quantize_edm, sample_seeds, seed_batches
+from adm_common.errors import UsageError
+from guided_diffusion.edm.samplers import EDMSeedNoise
+from guided_diffusion.run.output import quantize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_sampler_with_seed_noise_is_edms_algorithm(class_idx):
     class OnlyWhenChurning:
         randn = generators.randn
 
-    from guided_diffusion.karras import karras_sample
+    from guided_diffusion.edm.samplers import karras_sample
 
     only_churning = karras_sample(net, latents.shape, noise=latents, class_labels=onehot,
                                   churn_generator=OnlyWhenChurning(), **kw)
@@ -194,7 +194,7 @@ CHURN_KW = dict(num_steps=5, S_churn=10.0, S_min=0.5, S_max=30.0)
 
 
 def test_png_folder_is_edms_images_of_those_seeds(tmp_path):
-    from guided_diffusion.edm_pickle import load_edm_network
+    from guided_diffusion.edm.pickles import load_edm_network
 
     pkl = reference_pickle("vp-ddpmpp-uncond-16.pkl")
     out = tmp_path / "out"
@@ -234,7 +234,7 @@ def test_png_folder_is_edms_images_of_those_seeds(tmp_path):
 
 @pytest.mark.parametrize("quantization", ["edm", "adm"])
 def test_npz_output_of_a_seed_list(tmp_path, quantization):
-    from guided_diffusion.edm_pickle import load_edm_network
+    from guided_diffusion.edm.pickles import load_edm_network
 
     pkl = reference_pickle("edm-ddpmpp-cond-16.pkl")
     out = tmp_path / "npz"
@@ -293,8 +293,8 @@ def test_seed_mode_errors_are_one_line_and_write_nothing(tmp_path):
 def test_a_wrapped_network_keeps_its_range_and_levels():
     """edm_sample wraps the network (speed switches, index-aligned chunks): the sampler must still
     clip to its range and snap to its levels, as EDM's sampler does with the network itself."""
-    from guided_diffusion.edm_networks import build_edm_network
-    from guided_diffusion.karras import BoundDenoiser, karras_sample
+    from guided_diffusion.edm.networks import build_edm_network
+    from guided_diffusion.edm.samplers import BoundDenoiser, karras_sample
 
     net = build_edm_network("iDDPMPrecond", dict(img_resolution=8, img_channels=3, model_channels=16,
                                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]))

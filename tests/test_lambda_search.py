@@ -17,8 +17,8 @@ from gaussian_chains import (
 )
 
 from guided_diffusion.eps_scaling import EpsScale, parse_eps_scale
-from guided_diffusion.exposure_bias import measure_exposure_bias
-from guided_diffusion.lambda_search import (
+from guided_diffusion.analysis.exposure_bias import measure_exposure_bias
+from guided_diffusion.analysis.lambda_search import (
     EvaluationCache,
     LambdaSearch,
     calibrate_eps_scale,
@@ -31,7 +31,8 @@ from guided_diffusion.lambda_search import (
     sampling_metric,
     write_search_plot,
 )
-from guided_diffusion.sample_io import ImageNoise, quantize
+from guided_diffusion.image_noise import ImageNoise
+from guided_diffusion.run.output import quantize
 
 B_STAR, K_STAR = 1.0137, 0.0012
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from guided_diffusion.errors import UsageError
-from guided_diffusion.paper_cells import cell_commands
-from guided_diffusion.paper_cells import main as paper_main
-from guided_diffusion.script_util import cli_main, load_config
+from adm_common.errors import UsageError
+from guided_diffusion.run.paper_cells import cell_commands
+from guided_diffusion.run.paper_cells import main as paper_main
+from adm_common.cli import cli_main
+from guided_diffusion.script_util import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from PIL import Image
 
 from evaluations import evaluator, inception_file
 from evaluations.npz_stream import NpzImages, scan_batch_file
-from guided_diffusion.script_util import cli_main
+from adm_common.cli import cli_main
 from test_evaluator_inception import FLOAT, _blocky, _field, _images, _node, synthetic_inception_graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,7 +326,7 @@ def test_flags_are_checked_before_the_graph_is_looked_for(script, tmp_path, capf
         (["--device", "foo"], "unknown --device 'foo'; use cpu, cuda or cuda:N"),
         (["--device", "cuda:x"], "unknown --device 'cuda:x'"),
         (["--device", gpu], gpu_words),
-        (["--device", "meta"], "--device meta: the evaluator runs on cpu, cuda or cuda:N"),
+        (["--device", "meta"], "--device meta: use cpu, cuda or cuda:N"),
         (["--backend", "tf", "--device", gpu], gpu_words),  # precision/recall run on it with TF too
         (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
         (["--backend", "caffe"], "invalid choice: 'caffe'"),

@@ -16,18 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import file_util
-from guided_diffusion.errors import UsageError
-from guided_diffusion.file_util import FolderInUse, NpzWriter, atomic_write_text, folder_lock_file
-from guided_diffusion.sample_io import (
-    AlignedNetwork,
-    ImageNoise,
-    NonFiniteError,
-    SampleRun,
-    image_labels,
-    quantize,
-    run_sampling,
-)
+from adm_common import files as file_util
+from adm_common.errors import UsageError
+from adm_common.files import FolderInUse, NpzWriter, atomic_write_text, folder_lock_file
+from guided_diffusion.run.batching import AlignedNetwork
+from guided_diffusion.image_noise import ImageNoise, image_labels
+from guided_diffusion.run.output import NonFiniteError, SampleRun, quantize, run_sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (4, 4, 3)
@@ -68,7 +62,7 @@ def _holder(folder: Path, *extra_files: Path):
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from guided_diffusion.file_util import lock_output_folder\n"
+        "from adm_common.files import lock_output_folder\n"
         "lock_output_folder(sys.argv[1])\n"
         "for name in sys.argv[2:]:\n"
         "    Path(name).parent.mkdir(parents=True, exist_ok=True); Path(name).write_bytes(b'half a shard')\n"
@@ -133,7 +127,7 @@ def test_the_lock_is_reentrant_within_one_process(tmp_path, clean):
     try:
         assert _run(folder).read_bytes() == clean
         assert folder_lock_file(folder).exists()  # still held by the outer holder
-        code = "import sys; from guided_diffusion.file_util import lock_output_folder; lock_output_folder(sys.argv[1])"
+        code = "import sys; from adm_common.files import lock_output_folder; lock_output_folder(sys.argv[1])"
         proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.returncode != 0 and "is in use by another run" in proc.stderr
@@ -176,7 +170,7 @@ def test_a_nan_image_stops_the_run_naming_it_and_nothing_of_its_batch_is_written
 def test_infinite_images_are_refused_too():
     images = torch.zeros(3, 3, 4, 4)
     images[2, 0, 0, 0] = float("inf")
-    from guided_diffusion.sample_io import finite_pixels
+    from guided_diffusion.run.output import finite_pixels
 
     with pytest.raises(NonFiniteError, match=r"image 12 \(batch 10-12\)"):
         finite_pixels(images, [10, 11, 12])
@@ -401,8 +395,9 @@ def test_a_really_full_disk_then_freed_gives_the_uninterrupted_bytes(tmp_path, t
 RANKS_CODE = """
 import sys
 from guided_diffusion import dist_util
-from guided_diffusion.sample_io import ImageNoise, SampleRun, image_labels, run_sampling
-from guided_diffusion.script_util import cli_main
+from guided_diffusion.image_noise import ImageNoise, image_labels
+from guided_diffusion.run.output import SampleRun, run_sampling
+from adm_common.cli import cli_main
 
 def main():
     dist_util.setup_dist()

@@ -182,7 +182,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_resumes(tmp_p
 
 
 def _hold(lock_file):
-    code = ("import sys, time; from guided_diffusion.file_util import acquire_lock; "
+    code = ("import sys, time; from adm_common.files import acquire_lock; "
             "acquire_lock(sys.argv[1], 'x'); print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], stdout=subprocess.PIPE, env=script_env())
     assert proc.stdout.readline().strip() == b"held"

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.errors import UsageError
+from adm_common.errors import UsageError
 from guided_diffusion.image_datasets import ImageDataset, UnreadableImage, load_data
 from guided_diffusion.train_util import check_checkpoint_set, latest_complete_checkpoint
 
@@ -84,7 +84,7 @@ def _only_line(proc):
 
 def _cli(script_name, argv, capsys):
     """Run a script's main in-process through cli_main: (exit status, stderr, stdout)."""
-    from guided_diffusion.script_util import cli_main
+    from adm_common.cli import cli_main
 
     script = _script(script_name)
     capsys.readouterr()
@@ -170,7 +170,7 @@ def test_a_log_folder_that_cannot_be_written_is_one_line(tmp_path):
 def test_a_second_run_on_a_log_folder_in_use_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    code = ("import sys, time; from guided_diffusion.file_util import acquire_lock; "
+    code = ("import sys, time; from adm_common.files import acquire_lock; "
             "acquire_lock(sys.argv[1], 'x'); print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(run / ".lock")], stdout=subprocess.PIPE, env=_env())
     try:

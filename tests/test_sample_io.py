@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion import sample_io
-from guided_diffusion.sample_io import AlignedNetwork, ImageNoise, SampleRun, image_labels, quantize, run_sampling
+from guided_diffusion import image_noise
+from guided_diffusion.run.batching import AlignedNetwork
+from guided_diffusion.image_noise import ImageNoise, image_labels
+from guided_diffusion.run.output import SampleRun, quantize, run_sampling
 
 
 def test_image_noise_rows_do_not_depend_on_batch_composition():
@@ -24,7 +26,7 @@ def test_image_noise_rows_do_not_depend_on_batch_composition():
 def test_successive_draws_advance_each_stream():
     noise = ImageNoise(0, [5])
     first, second = noise.randn((1, 4)), noise.randn((1, 4))
-    gen = sample_io.image_generator(0, 5)
+    gen = image_noise.image_generator(0, 5)
     assert torch.equal(first[0], torch.randn(4, generator=gen))
     assert torch.equal(second[0], torch.randn(4, generator=gen))
 
@@ -199,7 +201,7 @@ def test_aligned_network_places_images_in_fixed_slots():
 
 
 def test_aligned_network_makes_outputs_independent_of_the_batch_split():
-    from guided_diffusion.digits_demo import load_shipped
+    from guided_diffusion.digits.demo import load_shipped
 
     model, _ = load_shipped("digits_uncond")
     x = ImageNoise(0, range(16)).randn((16, 3, 8, 8))

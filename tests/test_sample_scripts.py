@@ -13,8 +13,9 @@ import torch
 
 from guided_diffusion import script_util as su
 from guided_diffusion.eps_scaling import parse_eps_scale
-from guided_diffusion.file_util import sha256_file
-from guided_diffusion.sample_io import ImageNoise, image_labels, quantize
+from adm_common.files import sha256_file
+from guided_diffusion.image_noise import ImageNoise, image_labels
+from guided_diffusion.run.output import quantize
 from sample_scripts import ROOT, TINY, TINY_FLAGS, run_script, script_env, tiny_models  # noqa: F401 (a fixture)
 
 def sample(tmp_path, models, out, *extra, num=9, batch=4, launcher=()):
@@ -51,7 +52,7 @@ def _loaded(flags, path):
 
 def _loop_by_hand(models, name, num, eps_scale=None, class_cond=False, guidance=0.0, seed=0):
     """The images the script should write, from ADM's loop called directly: per-image noise of
-    sample_io, labels of image_labels, and a guidance gradient written out here."""
+    image_noise, labels of image_labels, and a guidance gradient written out here."""
     flags = dict(su.model_and_diffusion_defaults(), **TINY, timestep_respacing="6")
     if class_cond:
         flags.update(class_cond=True, num_classes=10)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from guided_diffusion.speed import AUTOCAST_REL_TOL, FLOAT32_ATOL, optimize_for_sampling, parse_autocast_dtype
+from guided_diffusion.run.speed import AUTOCAST_REL_TOL, FLOAT32_ATOL, optimize_for_sampling, parse_autocast_dtype
 from adm_reference import assert_loop_close, golden_diffusion, golden_network
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,7 +238,7 @@ def test_sampling_measurement_runs_the_real_loop_and_counts_network_time():
     base = workload.network(torch.device("cpu"))
     entry, samples = b.measure_sampling(workload, base, b.Variant.parse("eager"), 2, 3, torch.device("cpu"))
     # The same images as the plain loop with the same per-image noise.
-    from guided_diffusion.sample_io import ImageNoise, image_labels
+    from guided_diffusion.image_noise import ImageNoise, image_labels
 
     y = image_labels(0, [0, 1], workload.flags["num_classes"])
     expected = workload.diffusion(3).p_sample_loop(base, samples.shape, model_kwargs={"y": y}, generator=ImageNoise(0, [0, 1]))

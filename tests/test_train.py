@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from guided_diffusion import dist_util, logger, train_util
-from guided_diffusion.errors import UsageError
-from guided_diffusion.digits import digits_arrays
+from adm_common.errors import UsageError
+from guided_diffusion.digits.data import digits_arrays
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import LossSecondMomentResampler
 from guided_diffusion.script_util import (
@@ -451,7 +451,7 @@ def test_image_train_script_trains_and_resumes(tmp_path, script_process_group):
 
 
 def test_train_script_errors_are_one_line(tmp_path, script_process_group, capsys):
-    from guided_diffusion.script_util import cli_main
+    from adm_common.cli import cli_main
 
     script = _script("image_train")
     with pytest.raises(SystemExit) as exit_info:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from guided_diffusion import dist_util, logger, train_util
-from guided_diffusion.errors import UsageError
+from adm_common.errors import UsageError
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.train_util import (
@@ -219,7 +219,7 @@ def _script(name):
 
 
 def _run_script_cli(script, argv, capsys):
-    from guided_diffusion.script_util import cli_main
+    from adm_common.cli import cli_main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:

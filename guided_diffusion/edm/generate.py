@@ -1,7 +1,7 @@
 """EDM's generate.py as a mode of scripts/edm_sample.py: its seeds, batches, randomness, rounding and PNG folder.
 
 With ``--seeds 0-49999`` an image is made as EDM's generate.py makes the image of that seed:
-- randomness: one torch.Generator per seed on the sampling device (karras.EDMSeedNoise): the
+- randomness: one torch.Generator per seed on the sampling device (edm.samplers.EDMSeedNoise): the
   latent, then the class label (a uniform class index, one-hot), then one float64 draw at every
   sampler step whether it churns or not;
 - batches: the seed list is cut into EDM's batches (``seed_batches``: the fewest batches of at
@@ -26,10 +26,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .file_util import acquire_lock, atomic_write_bytes, atomic_write_text, folder_lock_file, release_lock
-from .karras import EDMSeedNoise, karras_sample
-from .sample_io import NON_IMAGE_SETTINGS, SampleRun, environment_record, finite_pixels, quantize, together
+from adm_common.errors import UsageError
+from adm_common.files import (
+    acquire_lock,
+    atomic_write_bytes,
+    atomic_write_text,
+    folder_lock_file,
+    release_lock,
+)
+from guided_diffusion.edm.samplers import EDMSeedNoise, karras_sample
+from guided_diffusion.run.output import NON_IMAGE_SETTINGS, SampleRun, environment_record, finite_pixels, quantize
+from guided_diffusion.run.collective import together
 
 __all__ = [
     "QUANTIZATIONS", "OUTPUT_FORMATS", "quantize_edm", "quantizer", "parse_seeds", "seed_batches",
@@ -48,7 +55,7 @@ def quantize_edm(images: torch.Tensor) -> np.ndarray:
 
 
 def quantizer(name: str):
-    """The uint8 conversion called ``name``: 'adm' (sample_io.quantize, floor) or 'edm' (rounding)."""
+    """The uint8 conversion called ``name``: 'adm' (run.output.quantize, floor) or 'edm' (rounding)."""
     if name not in QUANTIZATIONS:
         raise UsageError(f"--quantization {name}: use adm (ADM's floor) or edm (EDM's rounding)")
     return quantize if name == "adm" else quantize_edm

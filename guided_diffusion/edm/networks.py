@@ -3,10 +3,10 @@
 Module and parameter names follow the state of EDM's released pickles exactly: a VPPrecond,
 VEPrecond, iDDPMPrecond or EDMPrecond wrapper holds ``model``, a SongUNet (DDPM++ / NCSN++) or a
 DhariwalUNet (ADM), whose encoder and decoder are ModuleDicts keyed ``{res}x{res}_{part}``.
-The wrappers are denoisers D(x; sigma, class_labels) as karras.py expects them.
+The wrappers are denoisers D(x; sigma, class_labels) as edm/samplers.py expects them.
 
 Weights of a freshly built network are placeholders (small random values); these classes exist
-to run released weights, loaded with ``edm_pickle.load_edm_network``.
+to run released weights, loaded with ``edm.pickles.load_edm_network``.
 """
 
 from __future__ import annotations

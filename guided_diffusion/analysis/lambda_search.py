@@ -31,9 +31,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .eps_scaling import EpsScale, EpsScaleError
-from .exposure_bias import ChainRun, run_chains
-from .file_util import atomic_write_figure, atomic_write_text
+from guided_diffusion.eps_scaling import EpsScale, EpsScaleError
+from guided_diffusion.analysis.exposure_bias import ChainRun, run_chains
+from adm_common.files import atomic_write_figure, atomic_write_text
 
 # metric(schedule, seed) -> value
 Metric = Callable[[EpsScale, int], float]
@@ -308,8 +308,8 @@ def sampling_metric(model, diffusion, score, *, num_samples: int, batch_size: in
 
     from tqdm.auto import tqdm
 
-    from .sample_io import quantize
-    from .sampling import batch_sampler
+    from guided_diffusion.run.output import quantize
+    from guided_diffusion.run.pipeline import batch_sampler
 
     if num_samples < 2:
         raise ValueError(f"a metric needs at least 2 samples, got --num_samples {num_samples}")

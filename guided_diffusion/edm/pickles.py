@@ -15,7 +15,7 @@ scalars / arrays of plain numbers are rebuilt from their bytes. Any other name i
 (``os.system``, ``builtins.eval``, an arbitrary class) stops the load with ``EDMPickleError``
 before anything is called.
 
-``load_edm_network`` turns the record into an ``edm_networks`` module; ``convert_edm_pickle``
+``load_edm_network`` turns the record into an ``edm.networks`` module; ``convert_edm_pickle``
 writes it as ``NAME.safetensors`` plus ``NAME.json`` (class name and constructor arguments),
 which ``load_edm_network`` also reads.
 """
@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import load_state_dict, weights_only_refusal
-from .edm_networks import build_edm_network
-from .errors import UsageError
-from .file_util import atomic_write_text, sha256_file, temp_path_for, writing
+from guided_diffusion.run.checkpoints import load_state_dict, weights_only_refusal
+from guided_diffusion.edm.networks import build_edm_network
+from adm_common.errors import UsageError
+from adm_common.files import atomic_write_text, sha256_file, temp_path_for, writing
 
 __all__ = [
     "EDMPickleError", "PersistentRecord", "ModuleRecord", "RestrictedUnpickler", "load_edm_pickle",

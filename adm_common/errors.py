@@ -1,4 +1,4 @@
-"""The error type for mistakes a user can fix; scripts print it as one line (script_util.cli_main)."""
+"""The error type for mistakes a user can fix; scripts print it as one line (adm_common.cli.cli_main)."""
 
 
 class UsageError(ValueError):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .file_util import sha256_file
-from .errors import UsageError
+from adm_common.files import sha256_file
+from adm_common.errors import UsageError
 
 _WRAPPER_KEYS = ("state_dict", "model", "ema")
 

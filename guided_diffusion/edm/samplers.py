@@ -7,7 +7,7 @@ batch, as EDM's sampler passes it; ADMDenoiser also takes one value per sample).
 (noise levels snap to the ones the network knows), as EDM's networks do; ``BoundDenoiser``
 keeps them on a wrapped call. ``ADMDenoiser`` makes one out of an ADM epsilon model.
 
-Randomness comes in from the caller: per-image streams (sample_io.ImageNoise), or EDM's per-seed
+Randomness comes in from the caller: per-image streams (image_noise.ImageNoise), or EDM's per-seed
 generators (``EDMSeedNoise``), with which karras_sample reproduces EDM's generate.py bit for bit
 on the same device (checked against EDM's code on its own pickles: VP, EDM, iDDPM, Heun and
 Euler, churn, iddpm levels; and against EDM-ES's generate.py with lambda 1.0006).
@@ -27,9 +27,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .edm_networks import iddpm_sigma_levels
-from .eps_scaling import resolve_eps_scale, sampling_order_t, scale_eps
-from .sample_io import standard_normal
+from guided_diffusion.edm.networks import iddpm_sigma_levels
+from guided_diffusion.eps_scaling import resolve_eps_scale, sampling_order_t, scale_eps
+from guided_diffusion.image_noise import standard_normal
 
 __all__ = [
     "SOLVERS", "DISCRETIZATIONS", "edm_sigmas", "iddpm_sigmas", "sampling_sigmas",
@@ -65,7 +65,7 @@ def iddpm_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 81
                  C_1: float = 0.001, C_2: float = 0.008) -> torch.Tensor:
     """iDDPM's noise levels as EDM's ablations use them: N of its M levels in [sigma_min, sigma_max], evenly picked.
 
-    The levels are EDM's float64 ones (edm_networks.iddpm_sigma_levels), so the range test keeps
+    The levels are EDM's float64 ones (edm.networks.iddpm_sigma_levels), so the range test keeps
     the same levels as EDM's sampler when a bound is a network's float32 level.
     """
     _check_steps(num_steps)
@@ -117,7 +117,7 @@ def karras_sample(denoiser, shape, *, num_steps: int = 18, solver: str = "heun",
 
     ``noise`` is the N(0, I) latent (drawn from ``generator`` when None; the run starts at
     noise * sigma_max). S_churn > 0 adds EDM's stochastic noise on levels in [S_min, S_max], drawn
-    from ``churn_generator`` (default ``generator``): a torch.Generator or sample_io.ImageNoise,
+    from ``churn_generator`` (default ``generator``): a torch.Generator or image_noise.ImageNoise,
     asked only on the steps that churn. A ``churn_generator`` with a ``randn_like(x)`` method
     (``EDMSeedNoise``) is asked on every step instead, churning or not, for noise shaped and typed
     like the float64 x, as EDM's generate.py draws it. ``eps_scale`` is anything

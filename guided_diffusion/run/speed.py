@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .unet import fused_attention
+from guided_diffusion.unet import fused_attention
 
 # Float32 switches must agree with eager float32 this closely (max absolute difference), the
 # tolerance the reference vectors document for a different but exact attention kernel.

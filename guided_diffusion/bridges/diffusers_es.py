@@ -23,7 +23,7 @@ is ``beta_schedule="squaredcos_cap_v2"``; respacing "ddimN" is ``timestep_spacin
 ADM's step set as custom ``timesteps`` (tests/test_diffusers_es.py shows both give ADM's trajectory).
 
 The second half samples unconditional pipelines image by image for scripts/diffusers_sample.py:
-every image gets its own generator from ``sample_io`` (its steps included, where the pipeline does
+every image gets its own generator from ``image_noise`` (its steps included, where the pipeline does
 not pass one) and its networks run on index-aligned chunks, so image i depends on (seed, i) alone,
 bit for bit, whatever the batch size, and equals the scheduler's own loop run on that image.
 ``check_pairing`` refuses the pipeline/scheduler pairings that cannot be made right
@@ -49,9 +49,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .eps_scaling import EpsScale, parse_eps_scale, sampling_order_t, scale_eps
-from .errors import UsageError
-from .sample_io import DEFAULT_NETWORK_BATCH, AlignedNetwork, ImageNoise
+from guided_diffusion.eps_scaling import EpsScale, parse_eps_scale, sampling_order_t, scale_eps
+from adm_common.errors import UsageError
+from guided_diffusion.run.batching import DEFAULT_NETWORK_BATCH, AlignedNetwork
+from guided_diffusion.image_noise import ImageNoise
 
 __all__ = [
     "SAMPLED_PIPELINES",
@@ -399,7 +400,7 @@ def load_pipeline(model: str):
         raise UsageError(
             f"--model {model} is {kind}, which this script cannot run: it samples the unconditional "
             f"{_listed(SAMPLED_PIPELINES, 'and')}; in Python, "
-            "guided_diffusion.diffusers_es.apply_eps_scaling(pipe, ...) adds Epsilon Scaling to any diffusers pipeline"
+            "guided_diffusion.bridges.diffusers_es.apply_eps_scaling(pipe, ...) adds Epsilon Scaling to any diffusers pipeline"
         )
     try:
         with quiet_loading():
@@ -542,7 +543,7 @@ def _aligned_call(network, indices: Sequence[int], chunk: int):
 @contextlib.contextmanager
 def aligned_networks(pipe, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_BATCH, unet_network=None) -> Iterator:
     """While sampling images ``indices``, run the pipeline's UNet and its autoencoder's decoder
-    on index-aligned chunks of ``chunk`` images (``sample_io.AlignedNetwork``), so that no pixel
+    on index-aligned chunks of ``chunk`` images (``run.batching.AlignedNetwork``), so that no pixel
     depends on the batch size: kernels round differently for other batch shapes.
 
     ``unet_network`` (``x, t, **kwargs -> tensor``, such as ``sampling_network(UNetNetwork(unet))``
@@ -605,7 +606,7 @@ def sample_images(pipe, seed: int, indices: Sequence[int], num_steps: int,
     """Images ``indices`` of a run as an NCHW tensor in [-1, 1]; image i depends on (seed, i) alone.
 
     Each image is what the pipeline's scheduler gives when its own loop samples that image alone:
-    x_T = N(0, I) * init_noise_sigma from the image's noise stream (``sample_io``), then per step
+    x_T = N(0, I) * init_noise_sigma from the image's noise stream (``image_noise``), then per step
     ``scale_model_input``, the UNet and ``step`` with that stream as generator. The pipeline gets
     one generator per image, and diffusers draws row j of the initial noise and of every step's
     noise from generator j; where the pipeline calls ``step`` without its generator (LDMPipeline),

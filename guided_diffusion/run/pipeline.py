@@ -10,21 +10,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import dist_util, logger
-from .checkpoints import SHAPE_FLAGS, infer_unet_flags, load_model_weights, load_state_dict
-from .file_util import lock_output_folder
-from .sample_io import (
-    DEFAULT_NETWORK_BATCH,
-    AlignedNetwork,
-    ImageNoise,
-    SampleRun,
-    image_labels,
-    quantize,
-    run_sampling,
-    together,
-)
-from .script_util import UsageError, args_to_dict, eps_scale_flag, output_folder, sampling_eps_scale
-from .speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype
+from guided_diffusion import dist_util, logger
+from guided_diffusion.run.checkpoints import SHAPE_FLAGS, infer_unet_flags, load_model_weights, load_state_dict
+from adm_common.files import lock_output_folder
+from guided_diffusion.run.batching import DEFAULT_NETWORK_BATCH, AlignedNetwork
+from guided_diffusion.image_noise import ImageNoise, image_labels
+from guided_diffusion.run.output import SampleRun, quantize, run_sampling
+from guided_diffusion.run.collective import together
+from adm_common.errors import UsageError
+from guided_diffusion.script_util import args_to_dict, eps_scale_flag, output_folder, sampling_eps_scale
+from guided_diffusion.run.speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype
 
 
 def start(args) -> None:
@@ -59,27 +54,9 @@ def check_size_flags(args) -> None:
             raise UsageError(f"--{name} must be at least 1, got {value}")
 
 
-def check_device(value: str, flag: str = "--device") -> None:
-    """Refuse a device this machine does not have (a typo, a GPU that is not there), in one line."""
-    if not value:
-        return
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown {flag} {value!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UsageError(f"{flag} {value}: no CUDA GPU is visible; use {flag} cpu")
-        if (device.index or 0) >= count:
-            raise UsageError(f"{flag} {value}: only {count} CUDA GPU(s) visible (cuda:0..cuda:{count - 1})")
-    elif device.type not in ("cpu", "mps", "xpu"):
-        raise UsageError(f"{flag} {value}: use cpu, cuda or cuda:N")
-
-
 def check_noise_schedule(args) -> None:
     """Refuse a noise schedule whose betas reach 1 (alpha_bar 0: every sample NaN), before sampling."""
-    from .gaussian_diffusion import get_named_beta_schedule
+    from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
 
     name, steps = getattr(args, "noise_schedule", None), getattr(args, "diffusion_steps", None)
     if name is None or not isinstance(steps, int):
@@ -196,7 +173,7 @@ def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cla
 
     Labels are drawn per image when ``num_classes`` is given, or come from ``extra_kwargs``'s "y".
     The networks run in fixed, index-aligned chunks of ``args.network_batch_size`` images
-    (sample_io.AlignedNetwork), so no pixel depends on the batch size or the number of ranks; the
+    (run.batching.AlignedNetwork), so no pixel depends on the batch size or the number of ranks; the
     model runs behind the speed switches of ``args`` (``sampling_network``). The guidance
     classifier is differentiated, so it runs as it is. ``model_takes_labels=False`` keeps the labels
     from an unconditional model (they still reach the classifier), as ADM's classifier_sample does.

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import load_state_dict
-from .digit_features import FEATURES_FILE, train_digit_features
-from .file_util import atomic_write_safetensors
-from .errors import UsageError
-from .script_util import CONFIG_DIR, Terminated, load_config
-from .train_util import ema_checkpoint_name, model_checkpoint_name
+from guided_diffusion.run.checkpoints import load_state_dict
+from guided_diffusion.digits.features import FEATURES_FILE, train_digit_features
+from adm_common.files import atomic_write_safetensors
+from adm_common.errors import UsageError
+from adm_common.cli import Terminated
+from guided_diffusion.script_util import CONFIG_DIR, load_config
+from guided_diffusion.train_util import ema_checkpoint_name, model_checkpoint_name
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("digits_uncond", "digits_cond", "digits_classifier")
 SAVE_INTERVAL = 500  # steps between checkpoint sets (an interrupted retraining loses at most these)
 

@@ -17,8 +17,8 @@ import argparse
 import shlex
 from pathlib import Path
 
-from .errors import UsageError
-from .script_util import load_config, sampling_eps_scale
+from adm_common.errors import UsageError
+from guided_diffusion.script_util import load_config, sampling_eps_scale
 
 VARIANTS = ("base", "es", "es-linear")
 
@@ -102,7 +102,7 @@ def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1,
 
 def main(argv=None) -> None:
     """scripts/paper_commands.py: print one cell's commands, one line of shell each (run it through
-    script_util.cli_main, which makes argparse's mistakes one line)."""
+    adm_common.cli.cli_main, which makes argparse's mistakes one line)."""
     parser = argparse.ArgumentParser(prog="paper_commands.py",
                             description="Print the shell commands for one cell of the ES paper's ADM table.")
     parser.add_argument("config")

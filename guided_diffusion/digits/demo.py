@@ -24,18 +24,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import exposure_bias as eb
-from .dist_util import dev
-from .checkpoints import load_model_weights
-from .digit_features import digit_features, load_digit_features
-from .digits import digits_arrays
-from .eps_scaling import EpsScale
-from .errors import UsageError
-from .file_util import atomic_write_figure, atomic_write_text, folder_lock_file, locked
-from .lambda_search import EvaluationCache, LambdaSearch, calibrate_eps_scale, frechet_score
-from .sample_io import dequantize, quantize
-from .sampling import batch_sampler
-from .script_util import (
+from guided_diffusion.analysis import exposure_bias as eb
+from guided_diffusion.dist_util import dev
+from guided_diffusion.run.checkpoints import load_model_weights
+from guided_diffusion.digits.features import digit_features, load_digit_features
+from guided_diffusion.digits.data import digits_arrays
+from guided_diffusion.eps_scaling import EpsScale
+from adm_common.errors import UsageError
+from adm_common.files import atomic_write_figure, atomic_write_text, folder_lock_file, locked
+from guided_diffusion.analysis.lambda_search import EvaluationCache, LambdaSearch, calibrate_eps_scale, frechet_score
+from guided_diffusion.run.output import dequantize, quantize
+from guided_diffusion.run.pipeline import batch_sampler
+from guided_diffusion.script_util import (
     CONFIG_DIR,
     classifier_defaults,
     create_classifier,
@@ -103,7 +103,7 @@ class DigitsBench:
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         """Share of samples that the digit classifier reads as the label they were drawn for."""
-        from .digit_features import to_network_input
+        from guided_diffusion.digits.features import to_network_input
 
         with torch.no_grad():
             predicted = self.features_net(to_network_input(images)).argmax(1).numpy()
@@ -279,7 +279,7 @@ def results_markdown(result: dict, search_steps: int) -> str:
     n, seeds = result["num_samples"], result["seeds"]
     lines = [
         f"Digits Frechet distance (lower is better) of {n} samples against the 1797 real digits, on the features "
-        f"of guided_diffusion/digit_features.py; mean ± std over seeds {', '.join(map(str, seeds))}. "
+        f"of guided_diffusion/digits/features.py; mean ± std over seeds {', '.join(map(str, seeds))}. "
         f"lambda = {result['chosen_eps_scale']} was chosen by a search at {search_steps} steps on seed {SEARCH_SEED} "
         f"(not an evaluation seed). A gain counts only when larger than the seed-to-seed spread.",
         "",

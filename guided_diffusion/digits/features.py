@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sample_io import dequantize
+from guided_diffusion.run.output import dequantize
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets"
 FEATURES_FILE = ASSET_DIR / "digit_features.safetensors"
 FEATURE_DIM = 64
 
@@ -76,7 +76,7 @@ def digit_features(net: DigitFeatureNet, images, batch_size: int = 512) -> np.nd
 
 def train_digit_features(epochs: int = 15, seed: int = 0, holdout: int = 297):
     """Train on the digits (last ``holdout`` images held out); returns (net, held-out accuracy)."""
-    from .digits import digits_arrays
+    from guided_diffusion.digits.data import digits_arrays
 
     images, labels = digits_arrays(8)
     x = images[:, :1]

@@ -1,10 +1,4 @@
-"""Seeds and sample output: where every random number of a sampling run comes from.
-
-Image i of a run depends only on (seed, i): its initial noise, the noise of every sampling step
-and its class label are drawn from generators seeded by a hash of (seed, i, stream). Batch size,
-rank count and device therefore do not change any image. Noise is drawn on the CPU and moved to
-the device, so a GPU run starts from the same noise as a CPU run.
-"""
+"""Sample output: ADM's NPZ, written as atomic per-batch shards that a killed run resumes from."""
 
 from __future__ import annotations
 
@@ -19,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .file_util import (
+from adm_common.errors import UsageError
+from adm_common.files import (
     NpzWriter,
     acquire_lock,
     atomic_write_text,
@@ -29,83 +23,9 @@ from .file_util import (
     release_lock,
     sha256_file,
 )
+from guided_diffusion.run.collective import together
+from guided_diffusion.run.non_finite import NonFiniteError, images_text, index_ranges
 
-# Independent random streams of one image.
-STREAM_NOISE = 0  # initial x_T and every per-step noise, in the order the sampler asks
-STREAM_LABEL = 1  # class label
-STREAM_EXTRA = 2  # anything else a sampler needs (e.g. EDM churn); never shared with noise
-
-
-def mixed_seed(*parts: int) -> int:
-    """A 64-bit seed from non-negative integers, well mixed so that nearby tuples are unrelated."""
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
-    return int(state[0]) | (int(state[1]) << 32)
-
-
-def image_seed(seed: int, index: int, stream: int = STREAM_NOISE) -> int:
-    """A 64-bit seed for one image's stream, a function of (seed, i, stream) alone."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and image index must be >= 0, got seed={seed}, index={index}")
-    return mixed_seed(seed, index, stream)
-
-
-def image_generator(seed: int, index: int, stream: int = STREAM_NOISE) -> torch.Generator:
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(image_seed(seed, index, stream))
-    return gen
-
-
-class ImageNoise:
-    """Per-image random streams for one batch: row j of every draw comes from image indices[j].
-
-    Samplers accept it wherever they take ``generator=``; each call of ``randn`` advances every
-    image's own stream by one draw, so an image's noise sequence is the same in any batch.
-    """
-
-    def __init__(self, seed: int, indices: Sequence[int], stream: int = STREAM_NOISE):
-        self.seed = int(seed)
-        self.indices = [int(i) for i in indices]
-        self.generators = [image_generator(seed, i, stream) for i in self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def randn(self, shape, device=None, dtype=torch.float32) -> torch.Tensor:
-        shape = tuple(shape)
-        if shape[0] != len(self.generators):
-            raise ValueError(
-                f"asked for noise of batch {shape[0]} from streams of {len(self.generators)} images"
-            )
-        rows = [torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in self.generators]
-        return torch.stack(rows).to(device=device, dtype=dtype)
-
-    def randint(self, high: int, device=None) -> torch.Tensor:
-        rows = [int(torch.randint(high, (1,), generator=g)) for g in self.generators]
-        return torch.tensor(rows, dtype=torch.int64, device=device)
-
-    def rand(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """One uniform [0, 1) number per image."""
-        rows = [float(torch.rand((), generator=g, dtype=torch.float64)) for g in self.generators]
-        return torch.tensor(rows, dtype=dtype, device=device)
-
-
-def standard_normal(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """N(0, I) noise from ``generator``: None (torch's global RNG), a torch.Generator, or ImageNoise."""
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    if isinstance(generator, torch.Generator):
-        out = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
-        return out.to(device)
-    return generator.randn(shape, device=device, dtype=dtype)
-
-
-def image_labels(seed: int, indices: Sequence[int], num_classes: int, device=None) -> torch.Tensor:
-    """Class label of each image, uniform over ``num_classes``, a function of (seed, i) alone."""
-    return ImageNoise(seed, indices, STREAM_LABEL).randint(num_classes, device=device)
-
-
-# ---------------------------------------------------------------------------------------------
-# Output: ADM's NPZ, written as atomic shards that a killed run resumes from
 
 
 def quantize(images: torch.Tensor) -> np.ndarray:
@@ -270,7 +190,7 @@ class SampleRun:
 
     def _remove_damaged_shards(self) -> None:
         """Shards that cannot be read are removed, with a log line: their images are made again."""
-        from . import logger
+        from guided_diffusion import logger
 
         for p in sorted(self.shard_dir.iterdir()):
             m = _SHARD_RE.match(p.name)
@@ -412,14 +332,6 @@ def _json_ok(path: Path) -> bool:
         return False
 
 
-def _one_line(exc: BaseException) -> str:
-    """A user error as the one line a script prints."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:160] if text else type(exc).__name__
@@ -475,7 +387,7 @@ def run_sampling(run: SampleRun, sample_batch, sidecar: dict, progress: bool = T
     """
     from tqdm.auto import tqdm
 
-    from . import dist_util
+    from guided_diffusion import dist_util
 
     together(run.lock if run.rank == 0 else None)
     try:
@@ -507,151 +419,13 @@ def _sample_and_write(run: SampleRun, sample_batch, indices, quantize=quantize) 
     run.write_shard(indices, finite_pixels(images, indices, quantize), None if labels is None else labels.cpu().numpy())
 
 
-class NonFiniteError(UsageError):
-    """A network or sampler produced NaN or infinite values; nothing of the batch is written."""
-
-
 def finite_pixels(images: torch.Tensor, indices: Sequence[int], quantize=quantize) -> np.ndarray:
     """``quantize(images)``, refusing NaN or infinite values (they would become black pixels)."""
     finite = torch.isfinite(images.reshape(len(images), -1)).all(dim=1)
     if not bool(finite.all()):
         bad = [int(indices[j]) for j in torch.nonzero(~finite).flatten().tolist()]
         raise NonFiniteError(
-            f"sampling gave NaN or infinite values for {_images_text(bad)} (batch {_ranges(indices)}); nothing "
+            f"sampling gave NaN or infinite values for {images_text(bad)} (batch {index_ranges(indices)}); nothing "
             "of this batch was written: check the checkpoint, the noise schedule and --eps_scale"
         )
     return quantize(images)
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    """'3-5, 9' for image indices (the first few runs of them)."""
-    runs: list[list[int]] = []
-    for i in (int(i) for i in indices):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    parts = [f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:6]]
-    return ", ".join(parts) + (", ..." if len(runs) > 6 else "")
-
-
-def _images_text(indices: Sequence[int]) -> str:
-    return ("images " if len(indices) > 1 else "image ") + _ranges(indices)
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def together(action):
-    """Run ``action()`` on this rank (None: nothing) and return its result; with several ranks, then
-    learn whether any rank's failed. A user error on one rank (UsageError, ValueError, OSError) is
-    raised on every rank as the same one line, so no rank waits forever for one that stopped and
-    the launcher's rank 0 prints it. A collective: every rank calls it at the same point.
-    """
-    if not _distributed():
-        return action() if action is not None else None
-    import torch.distributed as dist
-
-    result, problem = None, None
-    try:
-        if action is not None:
-            result = action()
-    except (ValueError, OSError) as exc:
-        problem = _one_line(exc)
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    first = next((p for p in problems if p), None)
-    if first is not None:
-        raise UsageError(first)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch invariance of the network itself
-
-
-DEFAULT_NETWORK_BATCH = 16
-
-
-class AlignedNetwork:
-    """Evaluate ``model`` on chunks of a fixed size, image i always in slot i % chunk of chunk i // chunk.
-
-    CPU and GPU kernels may pick another algorithm (and so another rounding) for another batch
-    size, so an image's pixels could depend on --batch_size or the rank count. Here every network
-    call has the same shape and every image the same slot whatever batch it came in; slots of
-    images not in the batch repeat a real image, and they do not touch the real rows, which are
-    computed independently of each other. Use it for every network a sampler
-    calls (the classifier of guidance too); ``chunk`` is part of what determines the pixels.
-    Every call checks that its output is finite (one reduction) and otherwise stops the batch with
-    one line naming the network evaluation, its timestep and the images (NonFiniteError).
-    ``t`` and keyword tensors are split with the images where they have one row per image and
-    passed whole otherwise (a scalar timestep, None).
-    """
-
-    def __init__(self, model, indices: Sequence[int], chunk: int = DEFAULT_NETWORK_BATCH):
-        if chunk < 1:
-            raise ValueError(f"--network_batch_size must be at least 1, got {chunk}")
-        self.model = model
-        self.chunk = int(chunk)
-        self.indices = [int(i) for i in indices]
-        self.calls = 0
-        groups: dict[int, tuple[list[int], list[int]]] = {}
-        for row, index in enumerate(indices):
-            slots, rows = groups.setdefault(int(index) // self.chunk, ([], []))
-            slots.append(int(index) % self.chunk)
-            rows.append(row)
-        self.groups = list(groups.values())
-        self.batch = len(indices)
-
-    def _pad(self, value, slots, rows):
-        """Rows of a per-image tensor placed in their slots; free slots repeat the first real row."""
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != self.batch:
-            return value
-        padded = value[rows[0]].expand(self.chunk, *value.shape[1:]).clone()
-        padded[slots] = value[rows]
-        return padded
-
-    def __call__(self, x, t, **kwargs):
-        if x.shape[0] != self.batch:
-            raise ValueError(f"network input has {x.shape[0]} images but the batch holds {self.batch}")
-        outputs = [None] * self.batch
-        for slots, rows in self.groups:
-            if slots == list(range(self.chunk)) and rows == list(range(rows[0], rows[0] + self.chunk)):
-                part = slice(rows[0], rows[0] + self.chunk)  # a whole aligned chunk: no copy
-                out = self.model(x[part], _rows(t, part, self.batch),
-                                 **{k: _rows(v, part, self.batch) for k, v in kwargs.items()})
-            else:
-                padded = {k: self._pad(v, slots, rows) for k, v in kwargs.items()}
-                out = self.model(self._pad(x, slots, rows), self._pad(t, slots, rows), **padded)
-                out = out[slots]
-            for j, row in enumerate(rows):
-                outputs[row] = out[j]
-        out = torch.stack(outputs)
-        self.calls += 1
-        if not bool(torch.isfinite(out).all()):  # one reduction per call; details only when it fails
-            self._refuse_non_finite(out, t)
-        return out
-
-    def _refuse_non_finite(self, out: torch.Tensor, t) -> None:
-        finite = torch.isfinite(out.reshape(self.batch, -1)).all(dim=1)
-        rows = torch.nonzero(~finite).flatten().tolist()
-        bad = [self.indices[r] for r in rows]
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.batch:
-            t = t[rows[0]]
-        level = ""
-        if isinstance(t, (int, float)) or (isinstance(t, torch.Tensor) and t.numel() == 1):
-            level = f" (t = {float(t):g})"
-        raise NonFiniteError(
-            f"the network returned NaN or infinite values at network evaluation {self.calls} of batch "
-            f"{_ranges(self.indices)}{level}, for {_images_text(bad)}; nothing of this batch was written: "
-            "check the checkpoint and the flags"
-        )
-
-
-def _rows(value, part: slice, batch: int):
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value[part]
-    return value

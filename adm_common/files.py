@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from adm_common.errors import UsageError
 
 # errno values that mean "the disk (or the quota) is full".
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}

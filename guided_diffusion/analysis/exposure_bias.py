@@ -19,7 +19,7 @@ It compares samplers and lambdas on the same starts; it is not a distance to the
 forward-noised data; they agree for an exact model and a sampler without discretization error.
 
 abar_t is that of the respaced chain at index t (equal to the original process at
-``timestep``). Noise comes from per-image streams (sample_io), so a baseline and an ES run
+``timestep``). Noise comes from per-image streams (image_noise), so a baseline and an ES run
 start from the same x_{T'-1} and draw the same step noise.
 """
 
@@ -36,11 +36,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .eps_scaling import EpsScale, parse_eps_scale, scale_eps
-from .file_util import atomic_write_figure, atomic_write_text
-from .gaussian_diffusion import _model_device
-from .image_datasets import ImageDataset, choose_indices, class_indices_from_names, list_image_files_recursively
-from .sample_io import STREAM_EXTRA, ImageNoise, dequantize
+from guided_diffusion.eps_scaling import EpsScale, parse_eps_scale, scale_eps
+from adm_common.files import atomic_write_figure, atomic_write_text
+from guided_diffusion.gaussian_diffusion import _model_device
+from guided_diffusion.image_datasets import (
+    ImageDataset,
+    choose_indices,
+    class_indices_from_names,
+    list_image_files_recursively,
+)
+from guided_diffusion.image_noise import STREAM_EXTRA, ImageNoise
+from guided_diffusion.run.output import dequantize
 
 STEP_COLUMNS = (
     "t",
@@ -73,7 +79,7 @@ def load_images(source, image_size: int, num_images: int = 256, seed: int = 0, w
         batch (``arr_0`` uint8 [N, S, S, 3], labels in ``arr_1``), ``digits`` or ``digits:SIZE``.
     :return: (images float32 [N, 3, S, S] in [-1, 1], int64 labels [N] or None).
     """
-    from .digits import checked_digits_size, digits_arrays, is_digits_spec
+    from guided_diffusion.digits.data import checked_digits_size, digits_arrays, is_digits_spec
 
     if not source:
         raise ValueError("no data given; pass --data_dir a folder of images, an .npz batch, digits or digits:SIZE")

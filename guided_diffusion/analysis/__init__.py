@@ -1,0 +1,1 @@
+"""Exposure bias measured (delta_t, epsilon norms) and the lambda search built on it."""

@@ -1,0 +1,1 @@
+"""Epsilon Scaling in other libraries' samplers: diffusers pipelines and schedulers."""
