@@ -1,9 +1,11 @@
-"""File helpers shared by every writer: content hashes, all-or-nothing writes (NPZ files too), and
-one-writer locks on output folders.
+"""File helpers shared by every writer: content hashes, all-or-nothing writes (NPZ files too), output
+files checked before the work, and one-writer locks on output folders.
 
 Every write here either completes or leaves the previous state: data go to a temporary sibling
 named ``NAME.tmpPID`` (the writer's pid) that is renamed over ``NAME`` only when complete, and is
-removed on any error. A full disk (ENOSPC, EDQUOT) becomes one UsageError line naming the file.
+removed on any error; one left by a killed run (``kill -9``) is removed by ``check_output_file``
+once no live process has that pid. A full disk (ENOSPC, EDQUOT) becomes one UsageError line naming
+the file.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from adm_common.errors import UsageError
 
 # errno values that mean "the disk (or the quota) is full".
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
@@ -60,27 +62,111 @@ def writing(path):
     try:
         yield
     except OSError as exc:
-        if exc.errno in _FULL:
+        if exc.errno in DISK_FULL:
             raise disk_full_error(path) from None
         raise
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
+def atomic_write_bytes(path, data: bytes, what: str = "", hint: str = "") -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part.
+
+    Without ``what`` a full disk is one UsageError line and other OSErrors pass. With it (the
+    evaluator's files: "the JSON results"), every refused write is one UsageError line naming
+    ``what``, with ``hint`` added (e.g. that the results were printed above).
+    """
     tmp = temp_path_for(path)
     try:
-        with writing(path):
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if what:
+            hint = f"; {hint}" if hint else ""
+            if exc.errno in DISK_FULL:
+                raise UsageError(f"no space left on the device writing {what} to {path}{hint}; "
+                                 "free space and rerun") from None
+            raise UsageError(f"cannot write {what} to {path} ({_reason(exc)}){hint}") from None
+        if exc.errno in DISK_FULL:
+            raise disk_full_error(path) from None
+        raise
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        remove_file(tmp)
 
 
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path, text: str, what: str = "", hint: str = "") -> None:
+    """``atomic_write_bytes`` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"), what, hint)
+
+
+def remove_file(path) -> None:
+    """Remove ``path`` if it is there; a folder that refuses even the removal is left as it is."""
+    with contextlib.suppress(OSError):
+        Path(path).unlink(missing_ok=True)
+
+
+def check_output_file(path, what: str, flag: str) -> Path:
+    """Make sure ``path`` can be written before hours of work go into it; sweep stale temporaries.
+
+    ``what`` names the file in messages ("the JSON results"), ``flag`` the option that chooses it.
+    The check creates and removes this process's temporary sibling, so an unwritable folder (a
+    read-only mount, /proc, a folder of another user) is refused here, whoever runs it.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not folder.exists():
+        raise UsageError(f"folder {folder} for {what} does not exist; create it or choose another {flag}")
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder, so {what} cannot go to {path}; choose another {flag}")
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give {flag} a file name for {what}")
+    sweep_stale_temporaries(path)
+    probe = temp_path_for(path)
+    try:
+        with open(probe, "xb"):
+            pass
+    except FileExistsError:
+        pass  # this process's own temporary file: the folder is writable
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} to {path} ({_reason(exc)}); choose another {flag}") from None
+    remove_file(probe)
+    return path
+
+
+def sweep_stale_temporaries(path) -> list[Path]:
+    """Remove the ``NAME.tmpPID`` siblings of ``path`` left by processes that no longer run."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.name) + r"\.tmp(\d+)$")
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for sibling in siblings:
+        match = pattern.fullmatch(sibling.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            try:
+                if sibling.is_file() and not sibling.is_symlink():
+                    sibling.unlink()
+                    removed.append(sibling)
+            except OSError:
+                pass  # not ours to remove after all (another user's folder): leave it
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a pid no system has: leave such a file alone)
+    return True
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def atomic_write_figure(fig, path, dpi: int = 110) -> None:
@@ -217,7 +303,7 @@ def acquire_lock(lock_file, what: str, hint: str = "wait for it to finish or cho
         try:
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
-            if exc.errno in _FULL:
+            if exc.errno in DISK_FULL:
                 raise disk_full_error(lock_file) from None
             raise UsageError(f"cannot write to {what} ({exc.strerror}): cannot create its lock file "
                              f"{lock_file.name}; choose a writable folder") from None

@@ -14,6 +14,7 @@ import torch
 
 from evaluations.inception import BACKENDS, InceptionFeatures, create_inception
 from evaluations.inception_file import GRAPH_URL, locate_inception_graph
+from evaluations.inception_graph import import_tensorflow
 from adm_common.devices import check_device
 
 
@@ -48,8 +49,6 @@ def open_inception(args) -> tuple[InceptionFeatures, dict]:
     check_device(args.device)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.backend == "tf":
-        from evaluations.tf_backend import import_tensorflow
-
         import_tensorflow()  # "TensorFlow is not installed" before any graph is looked for
     path, digest = locate_inception_graph(args.inception_path or None)
     model = load_checked_inception(args.backend, path, args.device)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from evaluations.inception_graph import import_tensorflow
 from evaluations.protobuf_wire import (
     WireFormatError,
     as_signed64,
@@ -220,8 +221,6 @@ def _fill(values: np.ndarray, shape) -> np.ndarray:
 
 
 def _nodes_from_tf_protos(data: bytes) -> dict[str, Node]:
-    from evaluations.tf_backend import import_tensorflow
-
     tf = import_tensorflow()
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(data)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from evaluations.files import (
+from adm_common.files import (
     DISK_FULL,
     atomic_write_text,
     remove_file,
     sha256_file,
     sweep_stale_temporaries,
-    temp_path,
+    temp_path_for,
 )
 
 GRAPH_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
@@ -80,7 +80,7 @@ def _download(url: str, path: Path) -> None:
     except OSError as exc:
         raise failed(f"cannot create the folder {path.parent}: {exc.strerror or exc}") from None
     sweep_stale_temporaries(path)
-    partial = temp_path(path)
+    partial = temp_path_for(path)
     digest = hashlib.sha256()
     try:
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluations.feature_statistics import FIDStatistics
-from evaluations.inception import image_batch_problem
+from evaluations.inception_graph import image_batch_problem
 
 IMAGES_MEMBER = "arr_0.npy"
 STATISTICS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")

@@ -2,13 +2,16 @@
 
 For datasets ADM published no batch for (CIFAR-10, FFHQ 128, LSUN tower 64). The source is a
 folder of images, a .zip of images, or an .npz batch. Each image is prepared as ADM prepares its
-training data (image_datasets.center_crop_arr: box-halve while >= 2x the size, one bicubic
+training data (adm_common.images.center_crop_arr: box-halve while >= 2x the size, one bicubic
 resize, central square), written to arr_0 a batch at a time, and its Inception features go into
 running statistics on the way, so memory does not grow with the number of images.
+
+``main`` is scripts/make_reference_batch.py's command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -17,13 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from adm_common.devices import check_device
+from adm_common.files import NpzWriter, check_output_file
+from adm_common.images import IMAGE_EXTENSIONS, center_crop_arr, choose_indices, list_image_files_recursively
 from evaluations.activations import compute_activations
+from evaluations.cli import add_inception_arguments, check_batch_size, open_inception
 from evaluations.inception import InceptionFeatures
-from evaluations.files import check_output_file
 from evaluations.manifold import NEIGHBOURHOOD_SIZE
 from evaluations.npz_stream import NpzImages, damaged_file_errors, scan_batch_file
-from adm_common.files import NpzWriter
-from guided_diffusion.image_datasets import IMAGE_EXTENSIONS, center_crop_arr, choose_indices, list_image_files_recursively
 
 
 class FolderImages:
@@ -173,3 +177,30 @@ def _batched(arrays, batch_size: int):
             batch = []
     if batch:
         yield np.stack(batch)
+
+
+def main(argv=None) -> dict:
+    """scripts/make_reference_batch.py: every flag, the source and the output checked before Inception loads."""
+    parser = argparse.ArgumentParser(
+        description="Make a reference batch (arr_0 images + mu, sigma, mu_s, sigma_s) for evaluations/evaluator.py."
+    )
+    parser.add_argument("source", help="folder of images, .zip of images, or .npz batch")
+    parser.add_argument("output", help="reference batch to write (.npz)")
+    parser.add_argument("--image_size", type=int, required=True, help="side of the square images")
+    parser.add_argument("--num_images", type=int, default=0, help="a random subset of this size (0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random subset")
+    add_inception_arguments(parser)
+    args = parser.parse_args(argv)
+    check_batch_size(args.batch_size)
+    check_device(args.device)
+    plan = plan_reference_batch(args.source, args.output, args.image_size, args.num_images, args.seed)
+    model, graph_record = open_inception(args)
+    try:
+        summary = write_reference_batch(plan, model, args.batch_size)
+    finally:
+        model.close()
+    print(
+        f"wrote {summary['path']}: {summary['num_images']} images at {args.image_size}x{args.image_size}, "
+        f"statistics from the {graph_record['backend']} backend (graph sha256 {graph_record['sha256']})"
+    )
+    return summary

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from evaluations.inception import (
+from evaluations.inception_graph import (
     INPUT_TENSOR,
     POOL_TENSOR,
     SOFTMAX_MATMUL,
@@ -15,19 +14,8 @@ from evaluations.inception import (
     check_images,
     check_inception_graph,
     flatten_features,
+    import_tensorflow,
 )
-
-
-def import_tensorflow():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter quiet
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ValueError(
-            "TensorFlow is not installed: `pip install -e .[eval]` (or tensorflow-cpu), "
-            "or use --backend torch"
-        ) from None
-    return tf
 
 
 class TensorFlowInception:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from evaluations.graph_def import read_graph_def
-from evaluations.inception import (
+from evaluations.inception_graph import (
     INPUT_TENSOR,
     POOL_TENSOR,
     SOFTMAX_MATMUL,

@@ -2,19 +2,26 @@
 ancestral and DDIM samplers, classifier guidance; plus Epsilon Scaling at sampling time.
 
 The schedule is kept in float64 numpy and each coefficient is cast to float32 only when it is
-gathered for a batch (``_extract_into_tensor``), so results match ADM's.
+gathered for a batch (``_gather``, ADM's ``_extract_into_tensor`` with each array uploaded once
+per device and diffusion), so results match ADM's.
+
+The four sampling loops are one private loop (``_sample_loop``), which resolves the lambda
+schedule and the time shift once per call and hands the resolved objects to every step.
 
 Epsilon Scaling: every sampling entry point takes ``eps_scale`` (None = the diffusion's default).
 ``p_mean_variance`` divides the predicted noise by lambda_t once per network evaluation, before
 the x0 prediction; everything downstream (posterior mean, DDIM direction, guidance) is derived
 from that x0 and so carries the scaling without dividing again. Training losses and likelihoods
 never scale.
+
+Time-Shift sampling (time_shift.py): the loops take ``time_shift``; a shifted DDIM step uses the
+chosen alpha_bar in place of alpha_bar_{t-1}, a shifted ancestral step the posterior
+q(x_s | x_t, x_0) to it (``_shifted_posterior``); lambda stays indexed by the sampling step.
 """
 
 import collections
 import enum
 import math
-import weakref
 
 import numpy as np
 import torch as th
@@ -24,6 +31,7 @@ from guided_diffusion.eps_scaling import EpsScale, adm_es_eps_scale, parse_eps_s
 from guided_diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 from guided_diffusion.nn import mean_flat
 from guided_diffusion.image_noise import standard_normal
+from guided_diffusion.time_shift import StepShifter, parse_time_shift
 
 BETA_SCHEDULES = ("linear", "cosine")
 
@@ -166,14 +174,26 @@ class GaussianDiffusion:
         # x_0 from x_{t-1} as ADM inverts the posterior mean: 1/coef1 * x_{t-1} - coef2/coef1 * x_t
         self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
         self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
+        self._device_schedule = {}  # (attribute name, device) -> (its array, that array as a tensor there)
+
+    def _gather(self, name, t, broadcast_shape):
+        """``_extract_into_tensor`` of the schedule array ``self.<name>``, uploaded once per device
+        (a copy per call would stall a GPU loop) and again only if the attribute is replaced."""
+        arr = getattr(self, name)
+        key = (name, str(t.device))
+        cached = self._device_schedule.get(key)
+        if cached is None or cached[0] is not arr:
+            cached = (arr, th.from_numpy(arr).to(device=t.device))
+            self._device_schedule[key] = cached
+        return _broadcast(cached[1][t].float(), broadcast_shape)
 
     # ------------------------------------------------------------------ forward process
 
     def q_mean_variance(self, x_start, t):
         """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract_into_tensor(self.one_minus_alphas_cumprod, t, x_start.shape)
-        log_variance = _extract_into_tensor(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._gather("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._gather("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._gather("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start, t, noise=None):
@@ -183,8 +203,8 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x_start {tuple(x_start.shape)}")
         return (
-            _extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self._gather("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._gather("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
@@ -192,17 +212,23 @@ class GaussianDiffusion:
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start shape {tuple(x_start.shape)} differs from x_t {tuple(x_t.shape)}")
         mean = (
-            _extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self._gather("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._gather("posterior_mean_coef2", t, x_t.shape) * x_t
         )
-        variance = _extract_into_tensor(self.posterior_variance, t, x_t.shape)
-        log_variance = _extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape)
+        variance = self._gather("posterior_variance", t, x_t.shape)
+        log_variance = self._gather("posterior_log_variance_clipped", t, x_t.shape)
         return mean, variance, log_variance
 
     # ------------------------------------------------------------------ reverse process
 
     def _sampling_schedule(self, eps_scale):
-        """The lambda schedule of a sampling call, checked against this chain before any work."""
+        """The lambda schedule of a sampling call, checked against this chain before any work.
+
+        The sampling loops call this once and pass the resulting EpsScale down; an EpsScale or
+        None reaching p_mean_variance is used as it is (None: the default, checked at __init__).
+        """
+        if eps_scale is None:
+            return self.eps_scale
         schedule = resolve_eps_scale(eps_scale, self.eps_scale)
         schedule.validate(self.num_timesteps)
         return schedule
@@ -220,7 +246,7 @@ class GaussianDiffusion:
             START_X and PREVIOUS_X models, the noise their x_0 implies).
         :return: dict with 'mean', 'variance', 'log_variance', 'pred_xstart'.
         """
-        schedule = self._sampling_schedule(eps_scale)
+        schedule = eps_scale if isinstance(eps_scale, EpsScale) else self._sampling_schedule(eps_scale)
         if model_kwargs is None:
             model_kwargs = {}
         B, C = x.shape[:2]
@@ -238,18 +264,18 @@ class GaussianDiffusion:
             if self.model_var_type == ModelVarType.LEARNED:
                 model_log_variance = var_values
             else:
-                min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = _extract_into_tensor(self.log_betas, t, x.shape)
+                min_log = self._gather("posterior_log_variance_clipped", t, x.shape)
+                max_log = self._gather("log_betas", t, x.shape)
                 frac = (var_values + 1) / 2
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = th.exp(model_log_variance)
         else:
             if self.model_var_type == ModelVarType.FIXED_LARGE:
-                variance, log_variance = self.fixed_large_variance, self.fixed_large_log_variance
+                variance, log_variance = "fixed_large_variance", "fixed_large_log_variance"
             else:
-                variance, log_variance = self.posterior_variance, self.posterior_log_variance_clipped
-            model_variance = _extract_into_tensor(variance, t, x.shape)
-            model_log_variance = _extract_into_tensor(log_variance, t, x.shape)
+                variance, log_variance = "posterior_variance", "posterior_log_variance_clipped"
+            model_variance = self._gather(variance, t, x.shape)
+            model_log_variance = self._gather(log_variance, t, x.shape)
 
         def process_xstart(x0):
             if denoised_fn is not None:
@@ -295,22 +321,22 @@ class GaussianDiffusion:
         if x_t.shape != eps.shape:
             raise ValueError(f"eps shape {tuple(eps.shape)} differs from x_t {tuple(x_t.shape)}")
         return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+            self._gather("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+            - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
         )
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
         if x_t.shape != xprev.shape:
             raise ValueError(f"xprev shape {tuple(xprev.shape)} differs from x_t {tuple(x_t.shape)}")
         return (
-            _extract_into_tensor(self.recip_posterior_mean_coef1, t, x_t.shape) * xprev
-            - _extract_into_tensor(self.posterior_mean_coef2_over_coef1, t, x_t.shape) * x_t
+            self._gather("recip_posterior_mean_coef1", t, x_t.shape) * xprev
+            - self._gather("posterior_mean_coef2_over_coef1", t, x_t.shape) * x_t
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
-        ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+            self._gather("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
+        ) / self._gather("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
 
     def _scale_timesteps(self, t):
         if self.rescale_timesteps:
@@ -336,7 +362,7 @@ class GaussianDiffusion:
         """
         if model_kwargs is None:
             model_kwargs = {}
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
+        alpha_bar = self._gather("alphas_cumprod", t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
         out = dict(p_mean_var)
@@ -360,6 +386,13 @@ class GaussianDiffusion:
 
         ``generator``: None (torch's global RNG), a torch.Generator or a image_noise.ImageNoise.
         """
+        return self._ancestral_step(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs,
+                                    eps_scale, generator)
+
+    def _ancestral_step(self, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eps_scale,
+                        generator, target_alpha_bar=None):
+        """p_sample; where ``target_alpha_bar`` (N,) is given (a time shift), an image moves to that
+        noise level by the posterior q(x_s | x_t, x_0) instead (``_shifted_posterior``)."""
         out = self.p_mean_variance(
             model,
             x,
@@ -371,11 +404,50 @@ class GaussianDiffusion:
         )
         # Drawn at every step, the last included, so the random stream matches ADM's.
         noise = standard_normal(x.shape, generator, x.device, x.dtype)
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         nonzero_mask = _nonzero_mask(t, x)
+        if target_alpha_bar is None:
+            if cond_fn is not None:
+                out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
+            sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
+            return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        shifted_mean, shifted_variance = self._shifted_posterior(out["pred_xstart"], x, t, target_alpha_bar)
+        if cond_fn is not None:
+            # the classifier gradient once: condition_mean of mean -0.0 and variance 1 is that
+            # gradient exactly (-0.0 + g keeps g's zeros' signs)
+            gradient = self.condition_mean(cond_fn, {"mean": th.full_like(x, -0.0), "variance": 1.0}, x, t,
+                                           model_kwargs=model_kwargs)
+            out["mean"] = out["mean"].float() + out["variance"] * gradient
+            shifted_mean = shifted_mean + shifted_variance * gradient
         sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        shifted_sample = shifted_mean + th.sqrt(shifted_variance) * noise
+        moved = (target_alpha_bar != self._gather_float64("alphas_cumprod_prev", t)).view(-1, *([1] * (x.dim() - 1)))
+        return {"sample": th.where(moved, shifted_sample, sample), "pred_xstart": out["pred_xstart"]}
+
+    def _shifted_posterior(self, x_start, x_t, t, target_alpha_bar):
+        """Mean and variance of q(x_s | x_t, x_0) for per-image alpha_bar_s = ``target_alpha_bar``.
+
+        With alpha_ts = abar_t / abar_s and beta_ts = 1 - alpha_ts this is ADM's posterior of the
+        pair (t, s); the variance is beta_ts for FIXED_LARGE, else the posterior variance
+        beta_ts (1 - abar_s) / (1 - abar_t): a learned variance was learned for the scheduled pair,
+        not for (t, s), so it is not used on a shifted step.
+        """
+        abar_t = self._gather_float64("alphas_cumprod", t)
+        abar_s = target_alpha_bar.to(th.float64)
+        alpha_ts = abar_t / abar_s
+        beta_ts = 1.0 - alpha_ts
+        coef_start = th.sqrt(abar_s) * beta_ts / (1.0 - abar_t)
+        coef_t = th.sqrt(alpha_ts) * (1.0 - abar_s) / (1.0 - abar_t)
+        if self.model_var_type == ModelVarType.FIXED_LARGE:
+            variance = beta_ts
+        else:
+            variance = beta_ts * (1.0 - abar_s) / (1.0 - abar_t)
+        shape = x_t.shape
+        mean = _broadcast(coef_start.float(), shape) * x_start + _broadcast(coef_t.float(), shape) * x_t
+        return mean, _broadcast(variance.float(), shape)
+
+    def _gather_float64(self, name, t):
+        """``self.<name>[t]`` as a float64 (N,) tensor on t's device."""
+        return th.from_numpy(getattr(self, name)).to(t.device)[t]
 
     def p_sample_loop(
         self,
@@ -390,22 +462,20 @@ class GaussianDiffusion:
         progress=False,
         eps_scale=None,
         generator=None,
+        time_shift=None,
+        time_shift_record=None,
     ):
-        """Ancestral sampling from x_T (``noise``, or drawn from ``generator``) to x_0."""
-        steps = self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
+        """Ancestral sampling from x_T (``noise``, or drawn from ``generator``) to x_0.
+
+        ``time_shift``: a time_shift.TimeShift (or its string form; None: off), see time_shift.py.
+        ``time_shift_record``: a list to which each step appends the (N,) int64 timesteps the time
+        shift chose for each image (``StepShifter.step``); only while a time shift is on.
+        """
+        return _last(self._sample_loop(
+            "ancestral", model, shape, noise, device, progress, eps_scale, generator, time_shift,
+            time_shift_record, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
             model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eps_scale=eps_scale,
-            generator=generator,
-        )
-        return _last(steps)["sample"]
+        ))["sample"]
 
     def p_sample_loop_progressive(
         self,
@@ -420,26 +490,16 @@ class GaussianDiffusion:
         progress=False,
         eps_scale=None,
         generator=None,
+        time_shift=None,
+        time_shift_record=None,
     ):
-        """Yield p_sample's output at each step, from t = T' - 1 down to 0."""
-        schedule = self._sampling_schedule(eps_scale)
-        img, device = self._initial_noise(model, shape, noise, device, generator)
-        for i in self._chain_indices(progress):
-            t = th.full((shape[0],), i, device=device, dtype=th.long)
-            with th.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eps_scale=schedule,
-                    generator=generator,
-                )
-            yield out
-            img = out["sample"]
+        """Yield p_sample's output at each step, from t = T' - 1 down to 0 (with a time shift,
+        also 'time_shift_t', what p_sample_loop records)."""
+        return self._sample_loop(
+            "ancestral", model, shape, noise, device, progress, eps_scale, generator, time_shift,
+            time_shift_record, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+        )
 
     def ddim_sample(
         self,
@@ -458,6 +518,13 @@ class GaussianDiffusion:
 
         The direction term uses the noise re-derived from the (clipped, scaled) x_0 prediction.
         """
+        return self._ddim_step(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eps_scale,
+                               generator, eta=eta)
+
+    def _ddim_step(self, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs, eps_scale, generator,
+                   eta, target_alpha_bar=None):
+        """ddim_sample; ``target_alpha_bar`` (N,), where given (a time shift), replaces each image's
+        alpha_bar_{t-1} in the DDIM update."""
         out = self.p_mean_variance(
             model,
             x,
@@ -470,8 +537,11 @@ class GaussianDiffusion:
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._gather("alphas_cumprod", t, x.shape)
+        if target_alpha_bar is None:
+            alpha_bar_prev = self._gather("alphas_cumprod_prev", t, x.shape)
+        else:
+            alpha_bar_prev = _broadcast(target_alpha_bar.float(), x.shape)
         sigma = (
             eta * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * th.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
@@ -506,7 +576,7 @@ class GaussianDiffusion:
             eps_scale=eps_scale,
         )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
+        alpha_bar_next = self._gather("alphas_cumprod_next", t, x.shape)
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
 
@@ -524,23 +594,18 @@ class GaussianDiffusion:
         eta=0.0,
         eps_scale=None,
         generator=None,
+        time_shift=None,
+        time_shift_record=None,
     ):
-        """DDIM sampling from x_T (``noise``, or drawn from ``generator``) to x_0."""
-        steps = self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
+        """DDIM sampling from x_T (``noise``, or drawn from ``generator``) to x_0.
+
+        ``time_shift`` and ``time_shift_record``: as for p_sample_loop.
+        """
+        return _last(self._sample_loop(
+            "ddim", model, shape, noise, device, progress, eps_scale, generator, time_shift, time_shift_record,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
             eta=eta,
-            eps_scale=eps_scale,
-            generator=generator,
-        )
-        return _last(steps)["sample"]
+        ))["sample"]
 
     def ddim_sample_loop_progressive(
         self,
@@ -556,27 +621,60 @@ class GaussianDiffusion:
         eta=0.0,
         eps_scale=None,
         generator=None,
+        time_shift=None,
+        time_shift_record=None,
     ):
-        """Yield ddim_sample's output at each step, from t = T' - 1 down to 0."""
+        """Yield ddim_sample's output at each step, from t = T' - 1 down to 0 (with a time shift,
+        also 'time_shift_t', what ddim_sample_loop records)."""
+        return self._sample_loop(
+            "ddim", model, shape, noise, device, progress, eps_scale, generator, time_shift, time_shift_record,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
+            eta=eta,
+        )
+
+    def _sample_loop(self, kind, model, shape, noise, device, progress, eps_scale, generator, time_shift,
+                     time_shift_record, **step_options):
+        """The loop behind the four public ones ("ancestral" or "ddim"): yields each step's output.
+
+        The lambda schedule and the time shift are resolved and checked here, once per call; the
+        steps receive the resolved objects. Without a time shift each step is the public
+        ``p_sample`` / ``ddim_sample``, as in ADM, so a subclass that overrides them is still used.
+        """
         schedule = self._sampling_schedule(eps_scale)
+        shifter = self.time_shifter(time_shift, ddim=kind == "ddim")
+        if shifter is None:
+            step = self.ddim_sample if kind == "ddim" else self.p_sample
+        else:
+            step = self._ddim_step if kind == "ddim" else self._ancestral_step
         img, device = self._initial_noise(model, shape, noise, device, generator)
         for i in self._chain_indices(progress):
             t = th.full((shape[0],), i, device=device, dtype=th.long)
             with th.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    eps_scale=schedule,
-                    generator=generator,
-                )
+                if shifter is None:
+                    out = step(model, img, t, eps_scale=schedule, generator=generator, **step_options)
+                else:
+                    chosen, target = shifter.step(img, i)
+                    out = step(model, img, t, eps_scale=schedule, generator=generator, target_alpha_bar=target,
+                               **step_options)
+            if shifter is not None:
+                out["time_shift_t"] = chosen
+                if time_shift_record is not None:
+                    time_shift_record.append(chosen)
             yield out
             img = out["sample"]
+
+    def time_shifter(self, time_shift, ddim):
+        """A time_shift.StepShifter for this chain, checked against it; None when the time shift is off."""
+        shift = parse_time_shift(time_shift)
+        if shift is None:
+            return None
+        timestep_map, original_alphas_cumprod = self._original_chain()
+        shift.validate(len(original_alphas_cumprod), self.num_timesteps, ddim)
+        return StepShifter(shift, timestep_map, original_alphas_cumprod, self.alphas_cumprod_prev)
+
+    def _original_chain(self):
+        """(original timestep of each chain index, the original chain's alpha_bar): this chain itself."""
+        return range(self.num_timesteps), self.alphas_cumprod
 
     def _initial_noise(self, model, shape, noise, device, generator):
         """x_T for a sampling loop and the device it runs on."""
@@ -748,24 +846,13 @@ def _model_device(model, noise):
     return noise.device if noise is not None else th.device("cpu")
 
 
-_DEVICE_ARRAYS: dict = {}  # (id(array), device) -> tensor, while the array lives
-
-
-def _on_device(arr, device):
-    """``arr`` as a tensor on ``device``, uploaded once per schedule array (a copy per call would
-    stall a GPU loop); the entry goes when the array is collected, so temporaries do not pile up."""
-    key = (id(arr), str(device))
-    tensor = _DEVICE_ARRAYS.get(key)
-    if tensor is None:
-        tensor = th.from_numpy(arr).to(device=device, copy=True)  # a copy: must not keep arr alive
-        _DEVICE_ARRAYS[key] = tensor
-        weakref.finalize(arr, _DEVICE_ARRAYS.pop, key, None)
-    return tensor
-
-
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
     """Gather arr[timesteps] from a numpy array as float32, shaped to broadcast against a batch."""
-    res = _on_device(arr, timesteps.device)[timesteps].float()
-    while res.dim() < len(broadcast_shape):
-        res = res[..., None]
-    return res.expand(broadcast_shape)
+    return _broadcast(th.from_numpy(arr).to(device=timesteps.device)[timesteps].float(), broadcast_shape)
+
+
+def _broadcast(values, broadcast_shape):
+    """(N,) per-sample values shaped to broadcast against a batch of ``broadcast_shape``."""
+    while values.dim() < len(broadcast_shape):
+        values = values[..., None]
+    return values.expand(broadcast_shape)

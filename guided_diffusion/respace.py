@@ -94,6 +94,7 @@ class SpacedDiffusion(GaussianDiffusion):
                 f"timesteps {outside[:5]} are outside the base process 0..{self.original_num_steps - 1}"
             )
         super().__init__(**{**kwargs, "betas": np.array(new_betas)})
+        self.original_alphas_cumprod = base_diffusion.alphas_cumprod
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
@@ -106,6 +107,9 @@ class SpacedDiffusion(GaussianDiffusion):
 
     def condition_score(self, cond_fn, *args, **kwargs):
         return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def _original_chain(self):
+        return self.timestep_map, self.original_alphas_cumprod
 
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):

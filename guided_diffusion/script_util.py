@@ -1,16 +1,13 @@
-"""Flag defaults and factories, as in ADM's script_util, plus config files and one-line CLI errors.
+"""Flag defaults and factories, as in ADM's script_util.
 
 Every flag default lives here. ``create_*`` turn ADM's command-line flags into networks and
-diffusions; ``load_config`` reads guided_diffusion/configs/NAME.yaml (the flags of a released checkpoint).
+diffusions; a released checkpoint's flags come from its config (run/configs.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
-import os
-import sys
-from pathlib import Path
 
 from guided_diffusion import gaussian_diffusion as gd
 from adm_common.errors import UsageError
@@ -19,9 +16,6 @@ from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.unet import EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000
-
-# Package data (setup.py's package_data): found the same in a checkout and in an installed wheel.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # Default channel multipliers by image size, as the released checkpoints use them.
 _UNET_CHANNEL_MULT = {
@@ -545,89 +539,7 @@ def str2bool(v):
 
 
 # ---------------------------------------------------------------------------------------------
-# guided_diffusion/configs/NAME.yaml
-
-
-def config_path(name_or_path: str) -> Path:
-    """A config given by name (``imagenet64_cond``) or by path (``my_configs/imagenet64_cond.yaml``)."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
-        return candidate
-    by_name = CONFIG_DIR / f"{candidate.stem}.yaml"
-    if by_name.exists():
-        return by_name
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) or "none"
-    raise UsageError(f"config {name_or_path!r} not found; known configs: {known}")
-
-
-def load_config(name_or_path: str) -> dict:
-    """Read a checkpoint config; see guided_diffusion/configs/README.md for the fields."""
-    import yaml
-
-    path = config_path(name_or_path)
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict) or not isinstance(config.get("flags"), dict):
-        raise UsageError(f"config {path} has no 'flags' mapping; see guided_diffusion/configs/README.md")
-    config["path"] = str(path)
-    return config
-
-
-def _typed_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the flags in ``argv``, resolved as argparse resolves them: aliases
-    (--eps_scaler) and unambiguous abbreviations (--num_sample) included."""
-    options = {opt: action.dest for action in parser._actions for opt in action.option_strings}
-    dests = set()
-    for item in argv:
-        if not item.startswith("--"):
-            continue
-        name = item.split("=", 1)[0]
-        matches = {options[name]} if name in options else {d for o, d in options.items() if o.startswith(name)}
-        if len(matches) == 1:
-            dests |= matches
-    return dests
-
-
-def parse_args_with_config(parser: argparse.ArgumentParser, argv=None):
-    """Parse flags where ``--config`` supplies defaults and flags given explicitly override them.
-
-    Returns (args, config or None, set of flag names the user typed).
-    """
-    args = parser.parse_args(argv)
-    explicit = _typed_dests(parser, sys.argv[1:] if argv is None else list(argv))
-    config = None
-    if getattr(args, "config", None):
-        config = load_config(args.config)
-        layered = {**config["flags"], **(config.get("sample_flags") or {})}
-        known = {a.dest for a in parser._actions}
-        for key, value in layered.items():
-            if key in known and key not in explicit:
-                action = next(a for a in parser._actions if a.dest == key)
-                setattr(args, key, action.type(value) if action.type and isinstance(value, str) else value)
-        shipped = config.get("checkpoint_path")
-        if shipped and hasattr(args, "model_path") and "model_path" not in explicit:
-            args.model_path = str(CONFIG_DIR.parent / shipped)  # inside the package, wherever it is installed
-    return args, config, explicit
-
-
-def output_folder(output_dir: str, default: str) -> Path:
-    """--output_dir, else $OPENAI_LOGDIR (ADM's), else ``default``: created, or one clear error."""
-    folder = Path(output_dir or os.environ.get("OPENAI_LOGDIR") or default)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"output folder {folder} is a file, not a folder; choose another --output_dir")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write to output folder {folder} ({exc.strerror}); choose a writable --output_dir"
-        ) from None
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------
-# Flags every sampling script shares, and the lambda a run uses
+# Flags every sampling script shares
 
 
 def sampling_defaults():
@@ -662,56 +574,3 @@ def add_sampling_args(parser) -> None:
         "number) when given, else the config's paper value for this step count, else 1.0",
     )
 
-
-def eps_scale_flag(args):
-    """The lambda the user typed: ``--eps_scale``, else ADM-ES's numeric ``--eps_scaler`` (0, its
-    default, means not given); None when neither. Both, disagreeing, is refused."""
-    from guided_diffusion.eps_scaling import adm_es_eps_scale, parse_eps_scale
-
-    typed = getattr(args, "eps_scale", None)
-    adm_es = adm_es_eps_scale(getattr(args, "eps_scaler", None))
-    if adm_es is None:
-        return typed
-    if typed is not None and not str(typed).strip().startswith("paper") and parse_eps_scale(typed) == adm_es:
-        return typed
-    if typed is not None:
-        raise UsageError(f"--eps_scale {typed} and --eps_scaler {adm_es.b} disagree; give one of them")
-    return str(adm_es)
-
-
-def sampling_eps_scale(flag_value, config: dict | None, num_steps: int, table: str | None = None):
-    """The lambda schedule of a sampling run and where it came from.
-
-    ``flag_value`` None means: the config's published lambda for ``num_steps`` (uniform), when the
-    config has one, else no scaling. ``paper`` / ``paper:linear`` ask for the published value
-    explicitly and fail when there is none. ``table`` names the config's table of uniform lambdas
-    where it is not "uniform" (EDM's configs have one per solver: heun, euler).
-    """
-    from guided_diffusion.eps_scaling import parse_eps_scale
-
-    kind = None
-    if flag_value is None:
-        kind, required = "uniform", False
-    elif str(flag_value).strip().startswith("paper"):
-        kind = str(flag_value).partition(":")[2].strip() or "uniform"
-        required = True
-        if kind not in ("uniform", "linear"):
-            raise UsageError(f"--eps_scale {flag_value}: use paper, paper:uniform or paper:linear")
-    if kind is None:
-        schedule = parse_eps_scale(flag_value)
-        schedule.validate(num_steps)
-        return schedule, "--eps_scale"
-    name = table if table and kind == "uniform" else kind
-    published = ((config or {}).get("eps_scale") or {}).get(name) or {}
-    value = published.get(num_steps, published.get(str(num_steps)))
-    if value is None:
-        if required:
-            where = config["path"] if config else "no --config"
-            raise UsageError(
-                f"no published {name} lambda for {num_steps} steps in {where}; "
-                f"published step counts: {sorted(int(k) for k in published) or 'none'}; pass --eps_scale VALUE"
-            )
-        return parse_eps_scale(None), "default (no scaling)"
-    schedule = parse_eps_scale(value)
-    schedule.validate(num_steps)
-    return schedule, f"paper ({Path(config['path']).name}, {name}, {num_steps} steps)"

@@ -25,7 +25,7 @@ ema_{rate}_{step:06d}.pt and opt{step:06d}.pt, plain ``torch.save`` state_dicts.
   the classifier's --iterations N (0: no step, as ADM's ``range(iterations - resume_step)``). A run
   whose resumed step already is its end says so in one line and ends normally (status 0: a
   requeued job that had finished); one resumed beyond its end is refused (status 2: a typo);
-* the scripts (start_training) check their flags before anything is created, hold their log
+* the scripts (guided_diffusion/run/training.py) check their flags before anything is created, hold their log
   folder against a second run, and continue the newest complete checkpoint set already in it, so
   that rerunning the command of a preempted run resumes it. SIGTERM and Ctrl-C leave the sets
   written so far (an interrupted save removes its temporary files; its set reads as incomplete).
@@ -33,15 +33,12 @@ ema_{rate}_{step:06d}.pt and opt{step:06d}.pt, plain ``torch.save`` state_dicts.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import copy
-import datetime
 import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +53,8 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.run.checkpoints import check_fits, load_state_dict
 from adm_common.errors import UsageError
 from adm_common.files import (
-    acquire_lock,
     atomic_write_text,
-    folder_lock_file,
-    release_lock,
+    sha256_file,
     temp_path_for,
     writing,
 )
@@ -267,14 +262,6 @@ class CheckpointSetStatus:
         return "; ".join(parts)
 
 
-def _sha256_file(path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_checkpoint_set(model_path, ema_rates, with_optimizer: bool = True) -> CheckpointSetStatus:
     """Whether the set of ``model_path`` (model{step}.pt) holds everything a resume with ``ema_rates`` needs.
 
@@ -306,7 +293,7 @@ def check_checkpoint_set(model_path, ema_rates, with_optimizer: bool = True) -> 
             if not path.exists() or (entry is None and files):
                 status.missing.append(name)
             elif entry is not None and (
-                path.stat().st_size != entry.get("bytes") or _sha256_file(path) != entry.get("sha256")
+                path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256")
             ):
                 status.damaged.append(name)
         return status
@@ -316,15 +303,17 @@ def check_checkpoint_set(model_path, ema_rates, with_optimizer: bool = True) -> 
     return status
 
 
+def model_checkpoints(folder) -> list[tuple[int, Path]]:
+    """The model{step}.pt files in ``folder`` as (step, path), newest first."""
+    found = ((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := _MODEL_FILE.fullmatch(p.name)))
+    return sorted(found, reverse=True)
+
+
 def latest_complete_checkpoint(folder, ema_rates=(), with_optimizer: bool = True, before_step=None):
     """The model file of the newest complete set in ``folder`` (older than ``before_step``), or None."""
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not Path(folder).is_dir():
         return None
-    candidates = sorted(
-        ((int(m.group(1)), p) for p in folder.iterdir() if (m := _MODEL_FILE.fullmatch(p.name))), reverse=True
-    )
-    for step, path in candidates:
+    for step, path in model_checkpoints(folder):
         if before_step is not None and step >= before_step:
             continue
         if check_checkpoint_set(path, ema_rates, with_optimizer).complete:
@@ -990,222 +979,3 @@ class ClassifierTrainLoop(_TrainLoopBase):
                 log_loss_dict(self.diffusion, t[sl], metrics)
                 if loss.requires_grad:
                     self.mp_trainer.backward(loss.mean() * ((sl.stop - sl.start) / n))
-
-
-# -- what the training scripts share ----------------------------------------------------------
-
-
-def _script_limits(args) -> list[tuple[int, str]]:
-    """The step limits a training script's flags set, as (end step, flag)."""
-    if hasattr(args, "iterations"):  # classifier_train.py: --iterations ends it, and anneals with --anneal_lr
-        return [(args.iterations, "--iterations")]
-    limits = []
-    if getattr(args, "max_steps", -1) >= 0:
-        limits.append((args.max_steps, "--max_steps"))
-    if getattr(args, "lr_anneal_steps", 0) > 0:
-        limits.append((args.lr_anneal_steps, "--lr_anneal_steps"))
-    return limits
-
-
-def _check_resume_step(args, found_in: str = "") -> None:
-    """A --resume_checkpoint beyond the run's own end is refused by its name, before anything is read."""
-    path = args.resume_checkpoint
-    limits = _script_limits(args)
-    if not path or not limits or not _STEP_IN_NAME.match(os.path.basename(path)):
-        return
-    step = parse_resume_step_from_filename(path)
-    end, flag = min(limits)
-    if step > end:
-        raise UsageError(found_in + past_limit_refusal(step, path, end, flag))
-
-
-def check_training_flags(args) -> None:
-    """Refuse, in one line and before anything is created, the flags of a training script that no
-    run can use: sizes and counts below 1, a microbatch larger than the batch, negative step
-    limits (--max_steps -1 is "no limit"), a data folder or checkpoint that is not there."""
-    from guided_diffusion.digits.data import is_digits_spec
-    from guided_diffusion.run.pipeline import check_size_flags
-
-    check_size_flags(args)
-    fp16 = "--classifier_use_fp16" if hasattr(args, "classifier_use_fp16") else "--use_fp16"
-    if getattr(args, fp16[2:], False) and args.use_bf16:
-        raise UsageError(f"{fp16} and --use_bf16 exclude each other; pick one")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.microbatch > args.batch_size:
-        raise UsageError(f"--microbatch {args.microbatch} is larger than --batch_size {args.batch_size}; use at most "
-                         f"{args.batch_size} (or -1: the whole batch at once)")
-    for name in ("log_interval", "save_interval", "eval_interval"):
-        value = getattr(args, name, 1)
-        if value < 1:
-            raise UsageError(f"--{name} must be at least 1, got {value}")
-    if hasattr(args, "iterations") and args.iterations < 0:
-        raise UsageError(f"--iterations must be >= 0 (0: no training step), got {args.iterations}")
-    if getattr(args, "max_steps", -1) < -1:
-        raise UsageError(f"--max_steps must be >= 0 (-1, the default: no limit), got {args.max_steps}")
-    if getattr(args, "lr_anneal_steps", 0) < 0:
-        raise UsageError(f"--lr_anneal_steps must be >= 0 (0: no annealing, no end), got {args.lr_anneal_steps}")
-    for name in ("lr", "weight_decay", "input_perturbation"):
-        value = getattr(args, name, 0.0)
-        if not value >= 0:  # NaN too
-            raise UsageError(f"--{name} must be >= 0, got {value}")
-    parse_ema_rates(getattr(args, "ema_rate", ""))
-    for flag, folder in (("--data_dir", args.data_dir), ("--val_data_dir", getattr(args, "val_data_dir", ""))):
-        if flag == "--data_dir" and not folder:
-            raise UsageError("no data given; pass --data_dir a folder of images, digits or digits:SIZE")
-        if folder and not is_digits_spec(folder):
-            if os.path.isfile(folder):
-                raise UsageError(f"{flag} {folder} is a file; pass a folder of images, digits or digits:SIZE")
-            if not os.path.isdir(folder):
-                raise UsageError(f"{flag} {folder} does not exist; pass a folder of images, digits or digits:SIZE")
-    path = args.resume_checkpoint
-    if path and os.path.isdir(path):
-        raise UsageError(f"--resume_checkpoint {path} is a folder; pass a model*.pt written by training")
-    if path and not os.path.isfile(path):
-        raise UsageError(f"--resume_checkpoint {path} does not exist; pass a model*.pt written by training")
-    _check_resume_step(args)
-
-
-class TrainingRun:
-    """What start_training set up: the log folder, held by this run until ``close`` (or the end of the
-    process); usable as a context manager."""
-
-    def __init__(self, folder: str, lock_file):
-        self.folder = folder
-        self._lock_file = lock_file
-        self.built = None  # what start_training's ``build`` returned
-
-    def close(self) -> None:
-        if self._lock_file is not None:
-            release_lock(self._lock_file)
-            self._lock_file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _log_folder_flag(args) -> str:
-    return "--log_dir" if args.log_dir else "$OPENAI_LOGDIR"
-
-
-def _claim_log_folder(folder: str, flag: str):
-    """Create the log folder and hold its one-writer lock (rank 0); one line when it cannot be."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UsageError(f"{flag} {folder} is a file, not a folder; choose another {flag}")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create {flag} {folder} ({exc.strerror or exc}); choose a writable {flag}") from None
-    lock_file = folder_lock_file(folder)
-    acquire_lock(lock_file, f"{flag} {folder}", f"wait for it to finish or choose another {flag}")
-    return lock_file
-
-
-def _resume_point(folder: str, args, flag: str):
-    """The checkpoint a run with an empty --resume_checkpoint continues from: the newest complete set
-    in its log folder (so that rerunning a stopped run's command resumes it), or None when the folder
-    holds no checkpoint. Checkpoint files without a complete set are refused rather than overwritten."""
-    ema_rates = parse_ema_rates(getattr(args, "ema_rate", ""))
-    models = sorted(
-        ((int(m.group(1)), p) for p in Path(folder).iterdir() if (m := _MODEL_FILE.fullmatch(p.name))), reverse=True
-    )
-    if not models:
-        return None
-    found = latest_complete_checkpoint(folder, ema_rates)
-    if found is not None:
-        return str(found)
-    newest = models[0][1]
-    if getattr(args, "allow_incomplete_resume", False):
-        return str(newest)
-    status = check_checkpoint_set(newest, ema_rates)
-    raise UsageError(
-        f"{flag} {folder} holds the checkpoints of an earlier run but no complete set ({newest.name}: "
-        f"{status.describe()}); pass --resume_checkpoint {newest} {ALLOW_INCOMPLETE_FLAG} to continue from it, "
-        f"or choose another {flag}"
-    )
-
-
-def _on_rank0(action):
-    """``action()`` on rank 0, its result on every rank; a user error on rank 0 is raised on all of them."""
-    from guided_diffusion.run.collective import together
-
-    result = together(action if dist_util.get_rank() == 0 else None)
-    if dist_util.get_world_size() > 1:
-        import torch.distributed as dist
-
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
-
-
-def start_training(args, build=None) -> TrainingRun:
-    """What every training script does first: check its flags (one line, nothing created), set up the
-    process group, seed the initial weights (rank 0's are broadcast to the others), build the model
-    (``build()``, whose result is ``run.built``: a model flag no network can take is refused before
-    any folder is made), claim the log folder (--log_dir, else $OPENAI_LOGDIR, else a temp folder,
-    as ADM; one run at a time: a second is refused in one line) and continue the run already in it.
-
-    With an empty --resume_checkpoint, a log folder that holds complete checkpoint sets is continued
-    from the newest (``args.resume_checkpoint`` is set to it), so rerunning the command of a stopped
-    or preempted run resumes it; its log files are continued, not emptied.
-    """
-    check_training_flags(args)
-    dist_util.setup_dist()
-    torch.manual_seed(args.seed)  # nothing below draws from it before ``build`` (ADM's initial weights)
-    built = build() if build is not None else None
-    from guided_diffusion.run.collective import together
-
-    flag = _log_folder_flag(args)
-    # rank 0 names the folder (ADM's time-stamped temp folder would differ from rank to rank)
-    folder = _on_rank0(lambda: os.path.expanduser(args.log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join(
-        tempfile.gettempdir(), datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f"))))
-    lock_file = _on_rank0(lambda: _claim_log_folder(folder, flag))
-    run = TrainingRun(folder, lock_file if dist_util.get_rank() == 0 else None)
-    run.built = built
-    if dist_util.get_rank() == 0:
-        atexit.register(run.close)
-    try:
-        resumed = None
-        if not args.resume_checkpoint:
-            resumed = _on_rank0(lambda: _resume_point(folder, args, flag))
-            if resumed:
-                args.resume_checkpoint = resumed
-                _check_resume_step(args, f"the run in {flag} {folder} would resume from its newest set, but ")
-        together(lambda: logger.configure(dir=folder, append=True))
-        if resumed:
-            logger.log(f"{flag} {folder} holds the checkpoint sets of an earlier run: resuming from {resumed}, "
-                       f"the newest complete one (choose another {flag} to start afresh)")
-    except BaseException:
-        run.close()
-        raise
-    return run
-
-
-def train_loop_from_args(args, model, diffusion, data, schedule_sampler):
-    """A TrainLoop configured by the flags of script_util.diffusion_training_defaults()."""
-    return TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        use_bf16=args.use_bf16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        input_perturbation=args.input_perturbation,
-        max_steps=None if args.max_steps == -1 else args.max_steps,
-        seed=args.seed,
-        allow_incomplete_resume=getattr(args, "allow_incomplete_resume", False),
-    )

@@ -9,17 +9,16 @@ Example:
 import argparse
 import math
 
-from guided_diffusion.run import pipeline as sampling
-from adm_common.errors import UsageError
 from adm_common.cli import cli_main
+from adm_common.errors import UsageError
+from guided_diffusion.run import pipeline as sampling
+from guided_diffusion.run.configs import parse_args_with_config
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     add_sampling_args,
     classifier_defaults,
     create_classifier,
-    create_model_and_diffusion,
     model_and_diffusion_defaults,
-    parse_args_with_config,
 )
 
 
@@ -43,26 +42,19 @@ def main():
     if not math.isfinite(args.classifier_scale):
         raise UsageError(f"--classifier_scale must be a finite number, got {args.classifier_scale}; ADM used 0.5 to 10")
     sampling.start(args)
-    model, diffusion, model_sha = sampling.load_network(
-        create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",
-        args.image_size,
+    model, diffusion, weights = sampling.load_adm_model(args)
+    classifier, _, classifier_weights = sampling.load_network(
+        create_classifier, args, classifier_defaults().keys(), args.classifier_path, "classifier", args.image_size,
     )
-    classifier, _, classifier_sha = sampling.load_network(
-        create_classifier, args, classifier_defaults().keys(), args.classifier_path, "classifier",
-        args.image_size,
-    )
-    schedule, source = sampling.eps_schedule(args, config, diffusion.num_timesteps)
+    eps = sampling.decide_eps_scale(args, config, diffusion.num_timesteps)
     sample_batch = sampling.batch_sampler(
-        model, diffusion, args, schedule, (3, args.image_size, args.image_size),
+        model, diffusion, args, eps.schedule, (3, args.image_size, args.image_size),
         num_classes=args.num_classes, classifier=classifier, classifier_scale=args.classifier_scale,
         model_takes_labels=args.class_cond,
     )
-    settings = sampling.run_settings(args, model_sha256=model_sha, classifier_sha256=classifier_sha,
-                                     eps_scale=str(schedule))
-    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(diffusion.num_timesteps),
-                   model_path=args.model_path, classifier_path=args.classifier_path,
-                   config=config["path"] if config else None)
-    sampling.sample_to_npz(args, settings, sample_batch, (args.image_size, args.image_size, 3), True, sidecar)
+    job = sampling.SamplingJob(sample_batch, (args.image_size, args.image_size, 3), True, eps,
+                               [weights, classifier_weights])
+    sampling.run_sampling_job(args, config, job)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,14 @@ Example:
 
 import argparse
 
+from adm_common.cli import cli_main
+from adm_common.errors import UsageError
 from guided_diffusion import dist_util, logger
 from guided_diffusion.bridges import diffusers_es
 from guided_diffusion.run import pipeline as sampling
-from adm_common.errors import UsageError
-from adm_common.cli import cli_main
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    add_sampling_args,
-    parse_args_with_config,
-    sampling_eps_scale,
-)
+from guided_diffusion.run.configs import parse_args_with_config
+from guided_diffusion.run.eps_choice import choose_eps_scale
+from guided_diffusion.script_util import add_dict_to_argparser, add_sampling_args
 
 
 def create_argparser():
@@ -46,16 +43,16 @@ def main():
         raise UsageError(str(exc)) from None
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    schedule, source = sampling_eps_scale(args.eps_scale, config, args.steps)
+    eps = choose_eps_scale(args, config, args.steps)
     pipe = diffusers_es.load_pipeline(args.model)
     scheduler = diffusers_es.use_scheduler(pipe, args.scheduler)
     diffusers_es.check_pairing(pipe, args.steps, args.eta)  # before anything is written
-    diffusers_es.apply_eps_scaling(pipe, schedule)
+    diffusers_es.apply_eps_scaling(pipe, eps.schedule)
 
     sampling.start(args)
     logger.log(f"{type(pipe).__name__} with {type(scheduler).__name__}, {args.steps} steps, "
-               f"epsilon scaling: {schedule} [{source}]")
-    weights_sha256 = diffusers_es.pipeline_weights_sha256(pipe)
+               f"epsilon scaling: {eps.schedule} [{eps.source}]")
+    weights = sampling.InputFile("model", args.model, diffusers_es.pipeline_weights_sha256(pipe), "model")
     pipe.to(dist_util.dev())
     unet_network = sampling.sampling_network(diffusers_es.UNetNetwork(pipe.unet), args)
 
@@ -65,13 +62,11 @@ def main():
         return images, None
 
     scheduler_config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
-    settings = sampling.run_settings(
-        args, model_sha256=weights_sha256, eps_scale=str(schedule), pipeline=type(pipe).__name__,
-        scheduler_class=type(scheduler).__name__, scheduler_config=scheduler_config,
-    )
-    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(args.steps), model=args.model,
-                   diffusers_version=diffusers.__version__, config=config["path"] if config else None)
-    sampling.sample_to_npz(args, settings, sample_batch, diffusers_es.image_shape(pipe), False, sidecar)
+    identity = dict(pipeline=type(pipe).__name__, scheduler_class=type(scheduler).__name__,
+                    scheduler_config=scheduler_config)
+    job = sampling.SamplingJob(sample_batch, diffusers_es.image_shape(pipe), False, eps, [weights], identity=identity,
+                               facts=dict(diffusers_version=diffusers.__version__))
+    sampling.run_sampling_job(args, config, job)
 
 
 if __name__ == "__main__":

@@ -23,42 +23,22 @@ Examples:
 
 import argparse
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.run import pipeline as sampling
+from adm_common.cli import cli_main
+from adm_common.errors import UsageError
+from guided_diffusion import dist_util
 from guided_diffusion.edm.generate import (
     OUTPUT_FORMATS,
     QUANTIZATIONS,
-    SeedListRun,
-    parse_seeds,
+    decide_seed_mode,
     quantizer,
+    sample_cast,
     sample_seeds,
-    seed_batches,
-    write_png_folder,
+    write_seed_images,
 )
-from guided_diffusion.edm.pickles import load_edm_network
-from adm_common.files import sha256_file
-from guided_diffusion.edm.samplers import (
-    DISCRETIZATIONS,
-    SOLVERS,
-    ADMDenoiser,
-    BoundDenoiser,
-    karras_sample,
-    network_evaluations,
-    sampling_sigmas,
-)
-from guided_diffusion.image_noise import STREAM_EXTRA, ImageNoise, image_labels
-from guided_diffusion.run.batching import AlignedNetwork
-from guided_diffusion.run.output import run_sampling
-from adm_common.errors import UsageError
-from adm_common.cli import cli_main
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    add_sampling_args,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    parse_args_with_config,
-    str2bool,
-)
+from guided_diffusion.edm.samplers import DISCRETIZATIONS, SOLVERS, network_evaluations, sampling_sigmas
+from guided_diffusion.run import pipeline as sampling
+from guided_diffusion.run.configs import parse_args_with_config
+from guided_diffusion.script_util import add_dict_to_argparser, add_sampling_args, model_and_diffusion_defaults, str2bool
 
 
 def create_argparser():
@@ -102,128 +82,46 @@ def create_argparser():
     return parser
 
 
-def load_denoiser(args):
-    """(denoiser, image shape C x H x W, number of classes or 0, sidecar facts about the network)."""
-    if bool(args.network) == bool(args.model_path):
-        raise UsageError("give exactly one of --network (an EDM .pkl or converted .safetensors) and --model_path (ADM)")
-    if args.network:
-        net, config = load_edm_network(args.network, args.network_key)
-        net.to(dist_util.dev()).eval()
-        shape = (net.img_channels, net.img_resolution, net.img_resolution)
-        facts = dict(network=args.network, network_sha256=sha256_file(args.network), network_config=config,
-                     network_sigma_min=float(net.sigma_min), network_sigma_max=float(net.sigma_max))
-        fast = sampling.sampling_network(net, args)
-        denoiser = BoundDenoiser(lambda x, sigma, labels: fast(x, sigma, class_labels=labels), net)
-        return denoiser, shape, net.label_dim, facts
-    if args.timestep_respacing:
-        logger.log(f"ignoring --timestep_respacing {args.timestep_respacing}: the noise levels come from --num_steps")
-        args.timestep_respacing = ""
-    model, diffusion, sha = sampling.load_network(
-        create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",
-        args.image_size,
-    )
-    shape = (3, args.image_size, args.image_size)
-    num_classes = args.num_classes if args.class_cond else 0
-    facts = dict(model_path=args.model_path, model_sha256=sha)
-    return ADMDenoiser.from_diffusion(sampling.sampling_network(model, args), diffusion), shape, num_classes, facts
-
-
-def check_mode_flags(args, explicit):
-    """Decide the EDM-seed flags once: the seed list (or None), quantization and output format."""
-    seeds = parse_seeds(args.seeds) if args.seeds else None
-    if seeds is not None:
-        typed = sorted({"seed", "num_samples", "network_batch_size"} & explicit)
-        if typed:
-            raise UsageError(f"--seeds decides the images; drop --{typed[0]} (EDM's mode has no such flag)")
-    elif args.output_format == "png" or args.subdirs:
-        raise UsageError("EDM's PNG folder (--output_format png, --subdirs) needs --seeds; "
-                         "scripts/npz_to_png.py writes the images of an NPZ as PNG files")
-    if args.quantization is None:
-        args.quantization = "edm" if seeds is not None else "adm"
-    if args.output_format is None:
-        args.output_format = "png" if seeds is not None else "npz"
-    if args.subdirs and args.output_format != "png":
-        raise UsageError("--subdirs arranges PNG files; it does nothing with --output_format npz")
-    return seeds
-
-
 def main():
     args, config, explicit = parse_args_with_config(create_argparser())
-    seeds = check_mode_flags(args, explicit)
+    seeds = decide_seed_mode(args, explicit)
     if seeds is not None:
         args.num_samples = len(seeds)  # for the checks and the sidecar; the seeds decide
     sampling.start(args)
-    denoiser, shape, num_classes, facts = load_denoiser(args)
+    denoiser, shape, num_classes, weights, facts = sampling.load_karras_denoiser(args)
     if args.class_idx is not None and not 0 <= args.class_idx < num_classes:
         has = f"classes 0..{num_classes - 1}" if num_classes else "no class labels"
         raise UsageError(f"--class {args.class_idx}: the network has {has}")
     # EDM's published lambdas are per solver and step count
-    schedule, source = sampling.eps_schedule(args, config, args.num_steps, table=args.solver)
+    eps = sampling.decide_eps_scale(args, config, args.num_steps, table=args.solver)
     sampler_kwargs = dict(
         num_steps=args.num_steps, solver=args.solver, discretization=args.discretization,
         sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, S_churn=args.S_churn,
-        S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, eps_scale=schedule,
+        S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise, eps_scale=eps.schedule,
     )
     sigmas = sampling_sigmas(denoiser, args.num_steps, args.discretization, args.sigma_min, args.sigma_max, args.rho)
     device = dist_util.dev()
-    quantize = quantizer(args.quantization)
-    # EDM quantizes its float64 sample; ADM's path keeps the float32 images it always had
-    precision = (lambda images: images) if args.quantization == "edm" else (lambda images: images.float())
-
-    identity = {k: v for k, v in facts.items() if k.endswith("sha256")}
-    settings = sampling.run_settings(args, eps_scale=str(schedule), **identity)
-    sidecar = dict(
-        settings, **facts, sampler="karras", eps_scale_source=source,
-        eps_scale_values=schedule.values(args.num_steps),
-        network_evaluations=network_evaluations(args.solver, args.num_steps),
-        sigmas=[float(s) for s in sigmas], config=config["path"] if config else None,
-        quantization=args.quantization,
+    cast = sample_cast(args.quantization)
+    facts.update(
+        sampler="karras", network_evaluations=network_evaluations(args.solver, args.num_steps),
+        sigmas=[float(s) for s in sigmas], quantization=args.quantization,
         randomness=("EDM's generate.py: a torch.Generator per seed on " + device.type) if seeds is not None
         else "per image: image_noise.ImageNoise(seed, index)",
     )
-    image_shape = (shape[1], shape[2], shape[0])
-
+    job = sampling.SamplingJob(None, (shape[1], shape[2], shape[0]), bool(num_classes), eps, [weights], facts=facts,
+                               quantize=quantizer(args.quantization))
     if seeds is None:
-        def sample_batch(indices):
-            labels = image_labels(args.seed, indices, num_classes, device=device) if num_classes else None
-            if labels is not None and args.class_idx is not None:
-                labels = labels.new_full(labels.shape, args.class_idx)
-            aligned = AlignedNetwork(lambda x, sigma, labels=None: denoiser(x, sigma, labels), indices,
-                                     args.network_batch_size)
-            images = karras_sample(
-                BoundDenoiser(lambda x, sigma, labels: aligned(x, sigma, labels=labels), denoiser),
-                (len(indices), *shape),
-                class_labels=labels, device=device,
-                generator=ImageNoise(args.seed, indices),
-                churn_generator=ImageNoise(args.seed, indices, STREAM_EXTRA),
-                **sampler_kwargs,
-            )
-            return precision(images), labels
-
-        sampling.sample_to_npz(args, settings, sample_batch, image_shape, bool(num_classes), sidecar,
-                               quantize=quantize)
+        job.sample_batch = sampling.karras_batch_sampler(denoiser, args, shape, num_classes, sampler_kwargs, cast)
+        sampling.run_sampling_job(args, config, job)
         return
 
-    # EDM's generate.py: the network sees each of EDM's batches whole
-    def sample_seed_list(batch_seeds):
+    def sample_seed_list(batch_seeds):  # EDM's generate.py: the network sees each of EDM's batches whole
         images, labels = sample_seeds(denoiser, batch_seeds, shape, num_classes, args.class_idx, device,
                                       **sampler_kwargs)
-        return precision(images), labels
+        return cast(images), labels
 
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    if args.output_format == "png":
-        batches = seed_batches(len(seeds), args.batch_size, world)
-        path = write_png_folder(args.output_dir, seeds, batches, sample_seed_list, quantize, args.subdirs,
-                                settings, sidecar, rank=rank, world_size=world, progress=args.progress)
-        if path is not None:
-            logger.log(f"saved {len(seeds)} PNG files in {args.output_dir} ({path.name} holds the settings)")
-        return
-    run = SeedListRun(args.output_dir, settings, seeds, args.batch_size, image_shape, bool(num_classes),
-                      rank=rank, world_size=world, keep_shards=args.keep_shards)
-    path = run_sampling(run, lambda indices: sample_seed_list([seeds[i] for i in indices]), sidecar,
-                        progress=args.progress, quantize=quantize)
-    if path is not None:
-        logger.log(f"saved {path}")
+    settings, sidecar = job.record(args, config)
+    write_seed_images(args, seeds, sample_seed_list, settings, sidecar, job.image_shape, job.class_cond, job.quantize)
 
 
 if __name__ == "__main__":

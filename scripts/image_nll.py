@@ -14,18 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.run import pipeline as sampling
-from adm_common.files import atomic_write_text
-from guided_diffusion.image_datasets import load_data
-from adm_common.errors import UsageError
 from adm_common.cli import cli_main
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    parse_args_with_config,
-)
+from adm_common.errors import UsageError
+from adm_common.files import atomic_write_text
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.run import pipeline as sampling
+from guided_diffusion.run.configs import parse_args_with_config
+from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 
 def create_argparser():
@@ -40,10 +36,7 @@ def create_argparser():
 def main():
     args, _, _ = parse_args_with_config(create_argparser())
     sampling.start(args)
-    model, diffusion, sha = sampling.load_network(
-        create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",
-        args.image_size,
-    )
+    model, diffusion, weights = sampling.load_adm_model(args)
     data = load_data(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
                      class_cond=args.class_cond, deterministic=True, random_flip=False, seed=args.seed)
     torch.manual_seed(args.seed + dist_util.get_rank())  # the prior/VLB noise of each rank
@@ -74,7 +67,7 @@ def main():
         bpd = np.asarray(per_image["total_bpd"][: args.num_samples])
         result = {key: float(np.mean(v[: args.num_samples])) for key, v in per_image.items()}
         result.update(num_images=len(bpd), bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd))) if len(bpd) > 1 else None,
-                      model_sha256=sha, settings=vars(args))
+                      model_sha256=weights.sha256, settings=vars(args))
         atomic_write_text(os.path.join(args.output_dir, "bpd.json"), json.dumps(result, indent=1, default=str))
         logger.log(f"bits/dim {result['total_bpd']:.4f} over {len(bpd)} images")
     dist_util.barrier()

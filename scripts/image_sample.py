@@ -8,15 +8,10 @@ Example:
 
 import argparse
 
-from guided_diffusion.run import pipeline as sampling
 from adm_common.cli import cli_main
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    add_sampling_args,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    parse_args_with_config,
-)
+from guided_diffusion.run import pipeline as sampling
+from guided_diffusion.run.configs import parse_args_with_config
+from guided_diffusion.script_util import add_dict_to_argparser, add_sampling_args, model_and_diffusion_defaults
 
 
 def create_argparser():
@@ -31,19 +26,12 @@ def create_argparser():
 def main():
     args, config, _ = parse_args_with_config(create_argparser())
     sampling.start(args)
-    model, diffusion, sha = sampling.load_network(
-        create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path, "model",
-        args.image_size,
-    )
-    schedule, source = sampling.eps_schedule(args, config, diffusion.num_timesteps)
-    shape = (3, args.image_size, args.image_size)
-    sample_batch = sampling.batch_sampler(
-        model, diffusion, args, schedule, shape, num_classes=args.num_classes if args.class_cond else None
-    )
-    settings = sampling.run_settings(args, model_sha256=sha, eps_scale=str(schedule))
-    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(diffusion.num_timesteps),
-                   model_path=args.model_path, config=config["path"] if config else None)
-    sampling.sample_to_npz(args, settings, sample_batch, (args.image_size, args.image_size, 3), args.class_cond, sidecar)
+    model, diffusion, weights = sampling.load_adm_model(args)
+    eps = sampling.decide_eps_scale(args, config, diffusion.num_timesteps)
+    sample_batch = sampling.batch_sampler(model, diffusion, args, eps.schedule, (3, args.image_size, args.image_size),
+                                          num_classes=args.num_classes if args.class_cond else None)
+    job = sampling.SamplingJob(sample_batch, (args.image_size, args.image_size, 3), args.class_cond, eps, [weights])
+    sampling.run_sampling_job(args, config, job)
 
 
 if __name__ == "__main__":

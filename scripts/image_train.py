@@ -16,58 +16,16 @@ Example:
     mpirun -n 8 python scripts/image_train.py ...   (or torchrun --nproc_per_node 8 ...)
 """
 
-import argparse
-
-from guided_diffusion import dist_util, logger
-from guided_diffusion.image_datasets import load_data
-from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.run.collective import together
-from adm_common.errors import UsageError
 from adm_common.cli import cli_main
-from guided_diffusion.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    diffusion_training_defaults,
-    model_and_diffusion_defaults,
-)
-from guided_diffusion.train_util import parse_resume_step_from_filename, start_training, train_loop_from_args
+from guided_diffusion.run.training import image_train_argparser, train_image_model
 
 
 def create_argparser():
-    defaults = diffusion_training_defaults()
-    defaults.update(model_and_diffusion_defaults())
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_dict_to_argparser(parser, defaults)
-    return parser
+    return image_train_argparser(__doc__.splitlines()[0])
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    if args.eps_scaler and args.input_perturbation:
-        raise UsageError("--eps_scaler (ADM-ES's input perturbation) and --input_perturbation are the same "
-                         "DDPM-IP perturbation; give one of them")
-
-    def build():
-        model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults().keys()))
-        return model, diffusion, create_named_schedule_sampler(args.schedule_sampler, diffusion)
-
-    with start_training(args, build) as run:
-        model, diffusion, schedule_sampler = run.built
-        model.to(dist_util.dev())
-        logger.log("created model and diffusion; creating data loader...")
-        data = together(lambda: load_data(
-            data_dir=args.data_dir,
-            batch_size=args.batch_size,
-            image_size=args.image_size,
-            class_cond=args.class_cond,
-            seed=args.seed,
-            start_batch=parse_resume_step_from_filename(args.resume_checkpoint),
-            num_classes=args.num_classes,
-            skip_bad_images=args.skip_bad_images,
-        ))
-        logger.log("training...")
-        train_loop_from_args(args, model, diffusion, data, schedule_sampler).run_loop()
+    train_image_model(create_argparser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Print the shell commands for one cell of the ES paper's ADM table (used by paper_cell.sh).
 
 usage: python scripts/paper_commands.py CONFIG STEPS {base,es,es-linear} [--num_gpus N] [--work_dir DIR]
-           [--num_samples N] [--batch_size N]
+           [--num_samples N] [--batch_size N] [--seed_sets N]
 Each command is one line of shell, every path quoted; guided_diffusion/paper_cells.py writes them.
 """
 

@@ -13,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adm_common.cli import cli_main
+from adm_common.errors import UsageError
 from guided_diffusion import dist_util
 from guided_diffusion.run import pipeline as sampling
-from adm_common.files import sha256_file
+from guided_diffusion.run.configs import parse_args_with_config
 from guided_diffusion.run.output import dequantize
-from adm_common.errors import UsageError
-from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
     NUM_CLASSES,
     add_dict_to_argparser,
     add_sampling_args,
-    parse_args_with_config,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
@@ -89,11 +88,11 @@ def main():
     images, labels = load_base_samples(args.base_samples, args.small_size, args.class_cond,
                                        getattr(args, "num_classes", NUM_CLASSES))
     sampling.start(args)
-    model, diffusion, sha = sampling.load_network(
+    model, diffusion, weights = sampling.load_network(
         sr_create_model_and_diffusion, args, sr_model_and_diffusion_defaults().keys(), args.model_path, "model",
         args.large_size,
     )
-    schedule, source = sampling.eps_schedule(args, config, diffusion.num_timesteps)
+    eps = sampling.decide_eps_scale(args, config, diffusion.num_timesteps)
     device = dist_util.dev()
 
     def base_kwargs(indices):
@@ -103,16 +102,11 @@ def main():
             kwargs["y"] = torch.from_numpy(labels[rows]).to(device)
         return kwargs
 
-    sample_batch = sampling.batch_sampler(model, diffusion, args, schedule, (3, args.large_size, args.large_size),
+    sample_batch = sampling.batch_sampler(model, diffusion, args, eps.schedule, (3, args.large_size, args.large_size),
                                           extra_kwargs=base_kwargs)
-
-    settings = sampling.run_settings(args, model_sha256=sha, eps_scale=str(schedule),
-                                     base_samples_sha256=sha256_file(args.base_samples))
-    sidecar = dict(settings, eps_scale_source=source, eps_scale_values=schedule.values(diffusion.num_timesteps),
-                   model_path=args.model_path, base_samples=args.base_samples,
-                   config=config["path"] if config else None)
-    sampling.sample_to_npz(args, settings, sample_batch, (args.large_size, args.large_size, 3), args.class_cond,
-                           sidecar)
+    job = sampling.SamplingJob(sample_batch, (args.large_size, args.large_size, 3), args.class_cond, eps,
+                               [weights, sampling.InputFile.of("base_samples", args.base_samples, "base_samples")])
+    sampling.run_sampling_job(args, config, job)
 
 
 if __name__ == "__main__":

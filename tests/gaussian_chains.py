@@ -1,7 +1,6 @@
 """Shared by the exposure-bias and lambda-search tests: Gaussian data with its exact noise predictor
-(so chains have closed forms), a tiny random-weight UNet, and running a script's main in-process."""
+(so chains have closed forms), a tiny random-weight UNet, and running a command's main in-process."""
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -92,14 +91,11 @@ TINY_FLAGS = ["--image_size=8", "--num_channels=32", "--num_res_blocks=1", "--ch
               "--noise_schedule=cosine", "--learn_sigma=True", "--timestep_respacing=5", "--progress=False"]
 
 
-def run_in_process(script, flags, monkeypatch, capsys):
-    """A script's main as its command line runs it (exit status, stdout, stderr), without a new interpreter."""
-    spec = importlib.util.spec_from_file_location(script.replace(".py", "_under_test"), ROOT / "scripts" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def run_in_process(main, script, flags, monkeypatch, capsys):
+    """A command's ``main`` as ``scripts/SCRIPT`` runs it (exit status, stdout, stderr), in this process."""
     monkeypatch.setattr(sys, "argv", [script, *flags])
     try:
-        cli_main(module.main)
+        cli_main(main)
         code = 0
     except SystemExit as exit_:
         code = exit_.code

@@ -426,12 +426,8 @@ def test_the_wrapped_step_keeps_its_signature_for_pipelines_that_inspect_it(ddim
 # --- bad input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
-def test_non_epsilon_models_are_refused(prediction_type):
-    scheduler = linear_scheduler(diffusers.DDIMScheduler, prediction_type=prediction_type)
-    with pytest.raises(ValueError, match=f"predicts '{prediction_type}'.*prediction_type='epsilon'"):
-        apply_eps_scaling(scheduler, 1.017)
-    assert installed_eps_scale(scheduler) is None
+# Models that predict v, x0 or a flow velocity, and what is refused for them:
+# tests/test_diffusers_prediction_types.py
 
 
 def test_unknown_scheduler_and_non_pipeline_are_refused():
@@ -634,15 +630,15 @@ def test_script_writes_adm_npz_per_image_and_resumes(saved_ddpm, tmp_path):
     (["--model={ddpm}", "--eps_scale=fast"], "error: cannot read eps_scale 'fast'"),
     (["--model={ddpm}", "--eta=0.5"], "error: --eta 0.5: DDPMPipeline takes no eta"),
     (["--model={ddpm}", "--steps=0"], "error: --steps must be at least 1"),
-    (["--model={vpred}"], "error: this scheduler's model predicts 'v_prediction'"),
+    (["--model={flow}"], "error: DDPMScheduler does not read a model with prediction_type 'flow_prediction'"),
 ])
 def test_script_bad_input_is_one_error_line(monkeypatch, capsys, saved_ddpm, tmp_path, flags, message):
-    vpred = tmp_path / "vpred"
+    flow = tmp_path / "flow"
     pipe = tiny_ddpm_pipe()
-    pipe.scheduler = linear_scheduler(diffusers.DDPMScheduler, prediction_type="v_prediction",
+    pipe.scheduler = linear_scheduler(diffusers.DDPMScheduler, prediction_type="flow_prediction",
                                       variance_type="learned_range")
-    pipe.save_pretrained(vpred)
-    paths = dict(missing=tmp_path / "nothing" / "here", ddpm=saved_ddpm, vpred=vpred)
+    pipe.save_pretrained(flow)
+    paths = dict(missing=tmp_path / "nothing" / "here", ddpm=saved_ddpm, flow=flow)
     flags = [f.format(**paths) for f in flags] + [f"--output_dir={tmp_path / 'out'}"]
     message = message.format(**paths)
     code, err = run_script_in_process(monkeypatch, capsys, *flags)

@@ -447,13 +447,12 @@ def test_classifier_guidance_equals_adm(adm_golden):
     assert_loop_close(sample, case["ddim_guided"], "ddim_guided")
 
 
-def test_schedule_arrays_are_uploaded_once_and_temporaries_do_not_pile_up():
+def test_schedule_arrays_are_uploaded_once_per_diffusion_and_go_with_it():
     import gc
+    import weakref
 
     from guided_diffusion import gaussian_diffusion as gd_module
     from guided_diffusion.script_util import create_gaussian_diffusion
-
-    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine", timestep_respacing="10")
 
     def model(x, t):
         return th.zeros_like(x)
@@ -465,21 +464,44 @@ def test_schedule_arrays_are_uploaded_once_and_temporaries_do_not_pile_up():
         uploads.append(arr.shape)
         return real_from_numpy(arr)
 
-    sizes = []
-    for _ in range(3):
+    def loop(diffusion):
+        before = len(uploads)
         gd_module.th.from_numpy = counting_from_numpy
         try:
-            diffusion.p_sample_loop(model, (2, 3, 4, 4))
+            sample = diffusion.p_sample_loop(model, (2, 3, 4, 4), generator=th.Generator().manual_seed(0))
         finally:
             gd_module.th.from_numpy = real_from_numpy
-        gc.collect()
-        sizes.append((len(gd_module._DEVICE_ARRAYS), len(uploads)))
-    assert sizes[0][0] > 0 and sizes[0][1] > 0  # the loop does read schedule arrays through the cache
-    assert sizes[0] == sizes[1] == sizes[2]  # later loops upload nothing and add no entries
-    before = sizes[0][0]
-    temporary = create_gaussian_diffusion(steps=100, noise_schedule="linear", timestep_respacing="5")
-    temporary.p_sample_loop(model, (2, 3, 4, 4))
-    assert len(gd_module._DEVICE_ARRAYS) > before
+        return len(uploads) - before, sample
+
+    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine", timestep_respacing="10")
+    first, sample = loop(diffusion)
+    assert first > 0  # the loop reads schedule arrays
+    assert [loop(diffusion)[0] for _ in range(2)] == [0, 0]  # later loops upload nothing
+    temporary = create_gaussian_diffusion(steps=100, noise_schedule="cosine", timestep_respacing="10")
+    again, same = loop(temporary)
+    assert again == first and th.equal(same, sample)  # its own uploads, the same numbers
+    collected = weakref.ref(temporary)
     del temporary
     gc.collect()
-    assert len(gd_module._DEVICE_ARRAYS) == before  # a collected diffusion leaves no uploads behind
+    assert collected() is None  # nothing outside the diffusion keeps it (or its uploads) alive
+
+
+@pytest.mark.parametrize("loop,step", [("p_sample_loop", "p_sample"), ("ddim_sample_loop", "ddim_sample")])
+def test_loops_call_the_public_step_a_subclass_overrides(loop, step):
+    """ADM's loops call self.p_sample / self.ddim_sample, so forks that override a step (as
+    TS-DPM-ADM does with ddim_sample) keep working: the override sees every step, and what it
+    returns is what the loop continues from."""
+    base = SpacedDiffusion(space_timesteps(20, "5"), betas=gd.get_named_beta_schedule("cosine", 20),
+                           model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL,
+                           loss_type=gd.LossType.MSE)
+    seen = []
+
+    def override(self, model, x, t, **kwargs):
+        seen.append(int(t[0]))
+        return {"sample": x * 0 + len(seen), "pred_xstart": x}
+
+    diffusion = type("Fork", (SpacedDiffusion,), {step: override})(
+        base.use_timesteps, betas=gd.get_named_beta_schedule("cosine", 20), model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.FIXED_SMALL, loss_type=gd.LossType.MSE)
+    out = getattr(diffusion, loop)(lambda x, t: th.zeros_like(x), (2, 1, 2, 2), noise=th.ones(2, 1, 2, 2))
+    assert seen == [4, 3, 2, 1, 0] and th.equal(out, th.full((2, 1, 2, 2), 5.0))

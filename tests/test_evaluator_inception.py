@@ -28,8 +28,10 @@ from scipy.spatial.distance import cdist
 from evaluations import evaluator
 from evaluations.feature_statistics import FIDStatistics
 from evaluations.graph_def import Node, TensorValue, read_graph_def
-from evaluations.inception import INPUT_TENSOR, POOL_TENSOR, SPATIAL_TENSOR, create_inception
+from evaluations.inception import create_inception
+from evaluations.inception_graph import INPUT_TENSOR, POOL_TENSOR, SPATIAL_TENSOR
 from evaluations.inception_file import locate_inception_graph
+from evaluations import reference_batch
 from evaluations.reference_batch import plan_reference_batch, write_reference_batch
 from evaluations.torch_backend import TorchInception
 from evaluations.torch_graph import OPS, TorchGraph
@@ -594,12 +596,9 @@ def test_make_reference_batch_from_folder_zip_and_npz(graph_path, torch_model, t
     (folder / "sub").mkdir(parents=True)
     for i, image in enumerate(sources):
         Image.fromarray(image).save(folder / ("sub" if i > 5 else "") / f"img_{i}.png")
-    script = importlib.util.spec_from_file_location("mrb", REPO / "scripts" / "make_reference_batch.py")
-    module = importlib.util.module_from_spec(script)
-    script.loader.exec_module(module)
     out = tmp_path / "ref.npz"
-    module.main([str(folder), str(out), "--image_size", "16", "--backend", "torch",
-                 "--inception_path", str(graph_path), "--device", "cpu", "--batch_size", "4"])
+    reference_batch.main([str(folder), str(out), "--image_size", "16", "--backend", "torch",
+                          "--inception_path", str(graph_path), "--device", "cpu", "--batch_size", "4"])
     assert "wrote" in capsys.readouterr().out
     with np.load(out) as data:
         assert sorted(data.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]

@@ -30,6 +30,7 @@ from gaussian_chains import (
 )
 from PIL import Image
 
+from guided_diffusion.analysis.commands import exposure_bias_main
 from guided_diffusion.analysis.exposure_bias import (
     STEP_COLUMNS,
     exposure_delta,
@@ -299,7 +300,7 @@ def test_script_errors_are_one_line(tmp_path, tiny_checkpoint, monkeypatch, caps
         (["--data_dir=digits", "--eps_scale=linear:k=-1"], "every lambda must be > 0"),
         (["--data_dir=digits", f"--model_path={tmp_path / 'missing.pt'}"], "does not exist"),
     ]:
-        code, _, err = run_in_process("exposure_bias.py", [*TINY_FLAGS, f"--model_path={tiny_checkpoint}",
+        code, _, err = run_in_process(exposure_bias_main, "exposure_bias.py", [*TINY_FLAGS, f"--model_path={tiny_checkpoint}",
                                                            "--num_images=4", f"--output_dir={tmp_path / 'out'}",
                                                            *flags], monkeypatch, capsys)
         lines = err.strip().splitlines()

@@ -16,6 +16,7 @@ from gaussian_chains import (
     tiny_unet_and_diffusion,
 )
 
+from guided_diffusion.analysis.commands import search_main
 from guided_diffusion.eps_scaling import EpsScale, parse_eps_scale
 from guided_diffusion.analysis.exposure_bias import measure_exposure_bias
 from guided_diffusion.analysis.lambda_search import (
@@ -332,7 +333,7 @@ SEARCH_FLAGS = ["--metric=pixel_fd", "--data_dir=digits", "--num_images=16", "--
 
 def test_search_script_end_to_end_and_resumed(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     flags = [*TINY_FLAGS, *SEARCH_FLAGS, f"--model_path={tiny_checkpoint}", f"--output_dir={tmp_path}"]
-    code, out, err = run_in_process("search_eps_scale.py", flags, monkeypatch, capsys)
+    code, out, err = run_in_process(search_main, "search_eps_scale.py", flags, monkeypatch, capsys)
     assert code == 0, err[-3000:]
     record = json.loads((tmp_path / "search.json").read_text())
     uniform, linear = (parse_eps_scale(record["best"][f]) for f in ("uniform", "linear"))
@@ -350,7 +351,7 @@ def test_search_script_end_to_end_and_resumed(tmp_path, tiny_checkpoint, monkeyp
     assert len(cache["values"]) == 2 * len(every_schedule)
     assert (tmp_path / "search.png").stat().st_size > 10000
 
-    code, out, err = run_in_process("search_eps_scale.py", flags, monkeypatch, capsys)
+    code, out, err = run_in_process(search_main, "search_eps_scale.py", flags, monkeypatch, capsys)
     assert code == 0, err
     assert "0 new evaluations" in out  # resumed entirely from the cache
     assert json.loads((tmp_path / "search.json").read_text())["best"] == record["best"]
@@ -367,7 +368,7 @@ def test_search_script_errors_are_one_line(tmp_path, tiny_checkpoint, monkeypatc
         ([*SEARCH_FLAGS, "--grid=4"], "odd number"),
         ([*SEARCH_FLAGS, "--data_dir=digits:16"], "gives 16x16 images but the model takes 8x8"),
     ]:
-        code, _, err = run_in_process("search_eps_scale.py", [*base, *flags], monkeypatch, capsys)
+        code, _, err = run_in_process(search_main, "search_eps_scale.py", [*base, *flags], monkeypatch, capsys)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
         assert message in lines[0], lines[0]

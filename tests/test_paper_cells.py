@@ -11,7 +11,7 @@ from adm_common.errors import UsageError
 from guided_diffusion.run.paper_cells import cell_commands
 from guided_diffusion.run.paper_cells import main as paper_main
 from adm_common.cli import cli_main
-from guided_diffusion.script_util import load_config
+from guided_diffusion.run.configs import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,3 +153,24 @@ def test_launcher_mistakes_are_one_error_line(tmp_path, capsys):
         "error: argument --num_gpus: invalid int value: 'x' (see paper_commands.py --help)"]
     with pytest.raises(UsageError, match="line break"):
         cell_commands("imagenet64_cond", 20, "es", work_dir="runs\nrm -rf x")
+
+
+def test_seed_sets_sample_one_folder_per_seed_and_score_them_in_one_call(tmp_path):
+    proc, work = _launch(tmp_path, "cifar10_uncond_admes", "50", "es", "2", "--seed_sets", "3", "--dry-run",
+                         work_dir=f"work {ODD}")
+    assert proc.returncode == 0, proc.stderr
+    lines = [shlex.split(line) for line in proc.stdout.splitlines()]
+    samples = [tokens for tokens in lines if "scripts/image_sample.py" in tokens]
+    cell = work / "cifar10_uncond_admes" / "50steps-es"
+    assert [(_tokens_after(s, "--seed"), _tokens_after(s, "--output_dir")) for s in samples] == [
+        (str(seed), str(cell / f"seed{seed}")) for seed in range(3)]
+    assert all(_tokens_after(s, "--eps_scale") == "1.017" for s in samples)  # the paper's 50-step lambda
+    score = lines[-1]
+    assert score[:2] == ["python", "evaluations/evaluator.py"]
+    assert score[3:6] == [str(cell / f"seed{seed}" / "samples_50000x32x32x3.npz") for seed in range(3)]
+    assert _tokens_after(score, "--json") == str(cell / "metrics.json")
+    proc, _ = _launch(tmp_path, "cifar10_uncond_admes", "50", "es", "--seed_sets=0", work_dir="w")
+    assert proc.returncode == 2 and proc.stderr.splitlines() == ["error: --seed_sets must be at least 1, got 0"]
+    proc, _ = _launch(tmp_path, "cifar10_uncond_admes", "50", "es", "--seed_sets", work_dir="w")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith("error: --seed_sets needs a number")

@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluations import evaluator, inception_file
+from evaluations import evaluator, inception_file, reference_batch
 from evaluations.npz_stream import NpzImages, scan_batch_file
 from adm_common.cli import cli_main
 from test_evaluator_inception import FLOAT, _blocky, _field, _images, _node, synthetic_inception_graph
@@ -52,13 +52,6 @@ def no_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(inception_file.urllib.request, "urlopen", offline)
     return tmp_path / "cache" / "guided_diffusion_es"
-
-
-def _reference_script():
-    spec = importlib.util.spec_from_file_location("make_reference_batch", ROOT / "scripts" / "make_reference_batch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _files(folder: Path) -> set:
@@ -267,7 +260,7 @@ def test_a_full_disk_at_the_json_keeps_nothing_but_the_printed_numbers(graph, tm
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("evaluations.files.os.fsync", full)
+    monkeypatch.setattr("adm_common.files.os.fsync", full)
     before = _files(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         cli_main(lambda: evaluator.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--backend", "torch",
@@ -320,7 +313,7 @@ def test_flags_are_checked_before_the_graph_is_looked_for(script, tmp_path, capf
     if script == "evaluator":
         main, head = evaluator.main, [tmp_path / "a.npz", tmp_path / "b.npz", "--json", tmp_path / "r.json"]
     else:
-        main, head = _reference_script().main, [tmp_path / "a.npz", tmp_path / "ref.npz", "--image_size", 16]
+        main, head = reference_batch.main, [tmp_path / "a.npz", tmp_path / "ref.npz", "--image_size", 16]
     gpu, gpu_words = _missing_gpu()
     cases = [
         (["--device", "foo"], "unknown --device 'foo'; use cpu, cuda or cuda:N"),
@@ -450,7 +443,7 @@ def _image_folder(folder: Path, count: int, size: int = 16) -> Path:
 
 
 def test_reference_batch_bad_sources_and_outputs_are_one_line(graph, tmp_path, capfd, no_cache):
-    main = _reference_script().main
+    main = reference_batch.main
     images = _image_folder(tmp_path / "images", 8)
     with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
         for path in sorted(images.iterdir()):
@@ -486,7 +479,7 @@ def test_reference_batch_bad_sources_and_outputs_are_one_line(graph, tmp_path, c
 
 
 def test_reference_batch_failing_midway_leaves_nothing(graph, tmp_path, capfd):
-    main = _reference_script().main
+    main = reference_batch.main
     images = _image_folder(tmp_path / "images", 8)
     (images / "5.png").write_bytes((images / "5.png").read_bytes()[:60])  # read after the first batches
     with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
@@ -506,7 +499,7 @@ def test_reference_batch_failing_midway_leaves_nothing(graph, tmp_path, capfd):
 
 
 def test_reference_batch_on_a_full_disk_leaves_nothing(graph, tmp_path, capfd, monkeypatch):
-    main = _reference_script().main
+    main = reference_batch.main
     images = _image_folder(tmp_path / "images", 8, 32)
     out = tmp_path / "out"
     out.mkdir()

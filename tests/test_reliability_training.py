@@ -6,7 +6,6 @@ exit status 2 and one ``error:`` line, no traceback, and nothing half-written; a
 resumed by rerunning its command, and ends with the bytes of an uninterrupted run.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -25,14 +24,12 @@ from guided_diffusion import dist_util, logger
 from adm_common.errors import UsageError
 from guided_diffusion.image_datasets import ImageDataset, UnreadableImage, load_data
 from guided_diffusion.train_util import check_checkpoint_set, latest_complete_checkpoint
+from training_setup import REPO, TINY_FLAGS, cli_status, load, one_line
 
 pytest.importorskip("sklearn")
 
-REPO = Path(__file__).resolve().parents[1]
 MPIRUN = ("mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root")
-TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1",
-        "--attention_resolutions", "", "--diffusion_steps", "50", "--lr", "1e-3", "--ema_rate", "0.9"]
-DIGITS = ["--data_dir", "digits", "--batch_size", "8", *TINY]
+DIGITS = ["--data_dir", "digits", "--batch_size", "8", *TINY_FLAGS]
 CLASSIFIER = ["--data_dir", "digits", "--image_size", "8", "--num_classes", "10", "--classifier_width", "64",
               "--classifier_depth", "1", "--classifier_channel_mult", "1", "--classifier_attention_resolutions", "",
               "--classifier_pool", "adaptive", "--batch_size", "8", "--diffusion_steps", "50"]
@@ -51,13 +48,6 @@ def cpu_and_a_clean_logger(monkeypatch):
     if current is not None and current is not logger.Logger.DEFAULT and current is not previous:
         current.close()
     logger.Logger.CURRENT = previous
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _env(**extra):
@@ -80,31 +70,6 @@ def _only_line(proc):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     return lines[0]
-
-
-def _cli(script_name, argv, capsys):
-    """Run a script's main in-process through cli_main: (exit status, stderr, stdout)."""
-    from adm_common.cli import cli_main
-
-    script = _script(script_name)
-    capsys.readouterr()
-    try:
-        cli_main(lambda: script.main(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.err.strip(), captured.out
-
-
-def _one_line(code, err):
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    return err
-
-
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _no_leftovers(folder):
@@ -146,8 +111,8 @@ def test_a_flag_no_run_can_use_is_one_line_and_creates_nothing(tmp_path, script,
              .replace("A_FOLDER", str(tmp_path / "a_folder")) for f in flags]
     base = {"image_train": DIGITS + ["--max_steps", "1"], "classifier_train": CLASSIFIER + ["--iterations", "1"],
             "super_res_train": SUPER_RES + ["--max_steps", "1"]}[script]
-    code, err, _ = _cli(script, base + flags + ["--log_dir", str(tmp_path / "log")], capsys)
-    line = _one_line(code, err)
+    code, err, _ = cli_status(script, base + flags + ["--log_dir", str(tmp_path / "log")], capsys)
+    line = one_line(code, err)
     assert expected.replace("NOWHERE", str(tmp_path / "nowhere")).replace("A_FILE", str(tmp_path / "a_file")) in line
     assert not (tmp_path / "log").exists()
 
@@ -188,11 +153,11 @@ def test_a_second_run_on_a_log_folder_in_use_is_refused(tmp_path):
 
 def test_zero_iterations_and_zero_max_steps_take_no_step(tmp_path, capsys, script_process_group):
     # ADM's classifier loop is range(iterations - resume_step): 0 iterations, no step
-    code, err, out = _cli("classifier_train", CLASSIFIER + ["--iterations", "0", "--log_dir", str(tmp_path / "c")],
-                          capsys)
+    code, err, out = cli_status("classifier_train",
+                                CLASSIFIER + ["--iterations", "0", "--log_dir", str(tmp_path / "c")], capsys)
     assert (code, err) == (0, "")
     assert "--iterations 0: the run ends at step 0, before its first step; nothing was trained or saved" in out
-    code, err, out = _cli("image_train", DIGITS + ["--max_steps", "0", "--log_dir", str(tmp_path / "d")], capsys)
+    code, err, out = cli_status("image_train", DIGITS + ["--max_steps", "0", "--log_dir", str(tmp_path / "d")], capsys)
     assert (code, err) == (0, "")
     assert "--max_steps 0: the run ends at step 0" in out
     for folder in (tmp_path / "c", tmp_path / "d"):
@@ -202,28 +167,28 @@ def test_zero_iterations_and_zero_max_steps_take_no_step(tmp_path, capsys, scrip
 def test_a_limit_reached_by_the_resumed_step_exits_0_and_one_past_it_is_refused(tmp_path, capsys,
                                                                                  script_process_group):
     run = tmp_path / "run"
-    assert _cli("classifier_train", CLASSIFIER + ["--iterations", "2", "--log_dir", str(run)], capsys)[0] == 0
+    assert cli_status("classifier_train", CLASSIFIER + ["--iterations", "2", "--log_dir", str(run)], capsys)[0] == 0
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".pt", ".json")}
     assert set(before) == {"model000002.pt", "opt000002.pt", "checkpoint000002.json"}
     # the same command again (a requeued job): nothing to train, status 0, nothing rewritten
-    code, err, out = _cli("classifier_train", CLASSIFIER + ["--iterations", "2", "--log_dir", str(run)], capsys)
+    code, err, out = cli_status("classifier_train", CLASSIFIER + ["--iterations", "2", "--log_dir", str(run)], capsys)
     assert (code, err) == (0, "")
     assert (f"nothing to train: {run / 'model000002.pt'} is step 2, where --iterations 2 ends the run; "
             "raise --iterations to train further") in out
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".pt", ".json")} == before
     # a smaller limit than the step already reached: refused, in this folder and from another
-    code, err, _ = _cli("classifier_train", CLASSIFIER + ["--iterations", "1", "--log_dir", str(run)], capsys)
-    assert "is step 2, past the end that --iterations 1 sets" in _one_line(code, err)
-    code, err, _ = _cli("image_train", DIGITS + ["--max_steps", "1", "--log_dir", str(tmp_path / "other"),
-                                                 "--resume_checkpoint", str(tmp_path / "x" / "model000005.pt")],
-                        capsys)
-    assert "does not exist" in _one_line(code, err)
+    code, err, _ = cli_status("classifier_train", CLASSIFIER + ["--iterations", "1", "--log_dir", str(run)], capsys)
+    assert "is step 2, past the end that --iterations 1 sets" in one_line(code, err)
+    code, err, _ = cli_status("image_train", DIGITS + ["--max_steps", "1", "--log_dir", str(tmp_path / "other"),
+                                                       "--resume_checkpoint", str(tmp_path / "x" / "model000005.pt")],
+                              capsys)
+    assert "does not exist" in one_line(code, err)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "model000005.pt").write_bytes(b"")  # refused by its name, before it is read
-    code, err, _ = _cli("image_train", DIGITS + ["--lr_anneal_steps", "3", "--log_dir", str(tmp_path / "other"),
-                                                 "--resume_checkpoint", str(tmp_path / "x" / "model000005.pt")],
-                        capsys)
-    assert "model000005.pt is step 5, past the end that --lr_anneal_steps 3 sets" in _one_line(code, err)
+    code, err, _ = cli_status("image_train", DIGITS + ["--lr_anneal_steps", "3", "--log_dir", str(tmp_path / "other"),
+                                                       "--resume_checkpoint", str(tmp_path / "x" / "model000005.pt")],
+                              capsys)
+    assert "model000005.pt is step 5, past the end that --lr_anneal_steps 3 sets" in one_line(code, err)
     assert not (tmp_path / "other").exists()
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix in (".pt", ".json")} == before
     _no_leftovers(run)
@@ -245,7 +210,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _finals(folder, step):
-    return {name: _load(Path(folder) / name) for name in (f"model{step:06d}.pt", f"ema_0.9_{step:06d}.pt")}
+    return {name: load(Path(folder) / name) for name in (f"model{step:06d}.pt", f"ema_0.9_{step:06d}.pt")}
 
 
 def _equal(a, b):
@@ -307,11 +272,11 @@ def test_sigterm_during_a_save_leaves_the_previous_set_and_the_same_command_fini
 def test_checkpoint_files_without_a_complete_set_are_not_overwritten_by_a_fresh_run(tmp_path, capsys,
                                                                                   script_process_group):
     run = tmp_path / "run"
-    assert _cli("image_train", DIGITS + ["--max_steps", "2", "--log_dir", str(run)], capsys)[0] == 0
+    assert cli_status("image_train", DIGITS + ["--max_steps", "2", "--log_dir", str(run)], capsys)[0] == 0
     (run / "opt000002.pt").unlink()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".pt"}
-    code, err, _ = _cli("image_train", DIGITS + ["--max_steps", "4", "--log_dir", str(run)], capsys)
-    line = _one_line(code, err)
+    code, err, _ = cli_status("image_train", DIGITS + ["--max_steps", "4", "--log_dir", str(run)], capsys)
+    line = one_line(code, err)
     assert "holds the checkpoints of an earlier run but no complete set (model000002.pt: missing opt000002.pt)" in line
     assert f"--resume_checkpoint {run / 'model000002.pt'} --allow_incomplete_resume True" in line
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.suffix == ".pt"} == before
@@ -370,7 +335,7 @@ def test_a_full_disk_during_a_save_or_a_log_write_is_one_line_and_the_same_comma
 def test_an_empty_or_truncated_state_of_adms_layout_is_one_line(tmp_path, damage, expected, capsys,
                                                                  script_process_group):
     run, adm = tmp_path / "run", tmp_path / "adm"
-    assert _cli("image_train", DIGITS + ["--max_steps", "2", "--log_dir", str(run)], capsys)[0] == 0
+    assert cli_status("image_train", DIGITS + ["--max_steps", "2", "--log_dir", str(run)], capsys)[0] == 0
     adm.mkdir()
     for path in run.glob("*.pt"):  # ADM's own layout: the files without a record
         shutil.copy(path, adm / path.name)
@@ -378,9 +343,9 @@ def test_an_empty_or_truncated_state_of_adms_layout_is_one_line(tmp_path, damage
     target = adm / {"opt": "opt000002.pt", "ema": "ema_0.9_000002.pt", "model": "model000002.pt"}[name]
     data = target.read_bytes()
     target.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello\n"}[kind])
-    code, err, _ = _cli("image_train", DIGITS + ["--max_steps", "3", "--log_dir", str(tmp_path / "out"),
-                                                 "--resume_checkpoint", str(adm / "model000002.pt")], capsys)
-    assert expected in _one_line(code, err)
+    code, err, _ = cli_status("image_train", DIGITS + ["--max_steps", "3", "--log_dir", str(tmp_path / "out"),
+                                                       "--resume_checkpoint", str(adm / "model000002.pt")], capsys)
+    assert expected in one_line(code, err)
     assert not list((tmp_path / "out").glob("*.pt"))
 
 
@@ -411,20 +376,20 @@ def test_an_unreadable_image_is_found_before_the_run_or_skipped_by_choice(tmp_pa
     data = _image_folder(tmp_path / "data", size=128 if ext == "jpg" else 8, ext=ext)
     bad = sorted(data.iterdir())[5]
     _damage(bad, how)
-    flags = [*TINY, "--data_dir", str(data), "--batch_size", "4", "--max_steps", "3", "--class_cond", "True",
+    flags = [*TINY_FLAGS, "--data_dir", str(data), "--batch_size", "4", "--max_steps", "3", "--class_cond", "True",
              "--num_classes", "3"]
-    code, err, _ = _cli("image_train", flags + ["--log_dir", str(tmp_path / "refused")], capsys)
-    line = _one_line(code, err)
+    code, err, _ = cli_status("image_train", flags + ["--log_dir", str(tmp_path / "refused")], capsys)
+    line = one_line(code, err)
     assert line.startswith(f"error: 1 of the 12 images of {data} cannot be read (first: {bad}: {reason}")
     assert line.endswith("); remove or replace them, or pass --skip_bad_images True to train without them")
     assert not list((tmp_path / "refused").glob("*.pt"))
-    code, err, out = _cli("image_train", flags + ["--log_dir", str(tmp_path / "skipped"), "--skip_bad_images",
-                                                  "True"], capsys)
+    code, err, out = cli_status("image_train", flags + ["--log_dir", str(tmp_path / "skipped"), "--skip_bad_images",
+                                                        "True"], capsys)
     assert (code, err) == (0, "")
     assert f"1 of the 12 images of {data} cannot be read (first: {bad}: {reason}" in out and "skipping them" in out
     # on one rank, skipping a file is training on the folder without it
     os.replace(bad, tmp_path / bad.name)
-    assert _cli("image_train", flags + ["--log_dir", str(tmp_path / "without")], capsys)[0] == 0
+    assert cli_status("image_train", flags + ["--log_dir", str(tmp_path / "without")], capsys)[0] == 0
     assert _equal(_finals(tmp_path / "skipped", 3), _finals(tmp_path / "without", 3))
 
 
@@ -464,15 +429,15 @@ def test_an_image_that_fails_only_when_decoded_is_one_line_from_a_loader_worker_
 
 def test_labels_beyond_num_classes_are_refused_before_training(tmp_path, capsys, script_process_group):
     data = _image_folder(tmp_path / "data")
-    code, err, _ = _cli("image_train", [*TINY, "--data_dir", str(data), "--batch_size", "4", "--max_steps", "1",
-                                        "--class_cond", "True", "--num_classes", "2",
-                                        "--log_dir", str(tmp_path / "a")], capsys)
-    assert _one_line(code, err) == (
+    code, err, _ = cli_status("image_train", [*TINY_FLAGS, "--data_dir", str(data), "--batch_size", "4",
+                                              "--max_steps", "1", "--class_cond", "True", "--num_classes", "2",
+                                              "--log_dir", str(tmp_path / "a")], capsys)
+    assert one_line(code, err) == (
         f"error: --data_dir {data} has 3 classes (c0, c1, c2: the file-name prefixes before the first '_'), "
         "more than --num_classes 2; pass --num_classes 3")
-    code, err, _ = _cli("classifier_train", CLASSIFIER + ["--num_classes", "5", "--iterations", "1",
-                                                          "--log_dir", str(tmp_path / "b")], capsys)
-    assert _one_line(code, err) == ("error: --data_dir digits has 10 classes (the digits 0-9), more than "
+    code, err, _ = cli_status("classifier_train", CLASSIFIER + ["--num_classes", "5", "--iterations", "1",
+                                                                "--log_dir", str(tmp_path / "b")], capsys)
+    assert one_line(code, err) == ("error: --data_dir digits has 10 classes (the digits 0-9), more than "
                                     "--num_classes 5; pass --num_classes 10")
     assert not list(tmp_path.glob("*/*.pt"))
     # without class_cond the labels are not used, so not checked
@@ -484,7 +449,7 @@ def test_a_bad_image_in_another_ranks_share_is_reported_by_rank_0(tmp_path):
     data = _image_folder(tmp_path / "data")
     bad = sorted(data.iterdir())[5]  # rank 1 reads files 1, 3, 5, ...
     _damage(bad, "empty")
-    proc = _run("image_train.py", *TINY, "--data_dir", str(data), "--batch_size", "2", "--max_steps", "2",
+    proc = _run("image_train.py", *TINY_FLAGS, "--data_dir", str(data), "--batch_size", "2", "--max_steps", "2",
                 "--log_dir", str(tmp_path / "run"), launcher=MPIRUN)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -556,6 +521,6 @@ def test_train_digits_models_says_in_one_line_what_went_wrong(tmp_path):
 def test_a_model_flag_no_network_takes_is_refused_before_the_log_folder_is_made(tmp_path, script, flags, expected,
                                                                                 capsys, script_process_group):
     base = {"image_train": DIGITS + ["--max_steps", "1"], "classifier_train": CLASSIFIER + ["--iterations", "1"]}
-    code, err, _ = _cli(script, base[script] + flags + ["--log_dir", str(tmp_path / "log")], capsys)
-    assert expected in _one_line(code, err)
+    code, err, _ = cli_status(script, base[script] + flags + ["--log_dir", str(tmp_path / "log")], capsys)
+    assert expected in one_line(code, err)
     assert not (tmp_path / "log").exists()

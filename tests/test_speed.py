@@ -1,5 +1,5 @@
 """Speed-up switches (guided_diffusion/speed.py) against ADM's and ADM-ES's reference vectors, and
-the measuring code of benchmarks/bench_sampling.py against independent counts.
+the measuring code of benchmarks/ against independent counts.
 
 torch.compile is checked in the benchmark only: compiling even the tiny reference UNet took
 4.7 minutes on the 2-core CI machine. CUDA graphs and float16 need a GPU: their test here skips
@@ -8,10 +8,6 @@ without one, and benchmarks/gpu_check.sh checks them on the real configurations.
 
 import copy
 import json
-import functools
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from guided_diffusion.run.speed import AUTOCAST_REL_TOL, FLOAT32_ATOL, optimize_for_sampling, parse_autocast_dtype
 from adm_reference import assert_loop_close, golden_diffusion, golden_network
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import bench_sampling, measure, report, variants
 
 FLOAT32_SWITCHES = [
     dict(fused_attention=False, inference_mode=False),  # plain eager float32
@@ -28,16 +23,6 @@ FLOAT32_SWITCHES = [
     dict(channels_last=True),
     dict(channels_last=True, fused_attention=False, inference_mode=False),
 ]
-
-
-@functools.lru_cache(maxsize=None)
-def bench():
-    """benchmarks/bench_sampling.py, imported as a module."""
-    spec = importlib.util.spec_from_file_location("bench_sampling", ROOT / "benchmarks" / "bench_sampling.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def reference_network(adm_golden, name):
@@ -168,8 +153,7 @@ def test_cuda_graphs_replay_new_inputs_and_new_shapes(adm_golden):
 
 
 def test_flop_count_equals_an_independent_count_from_layer_shapes():
-    b = bench()
-    workload = b.Workload.load("tiny")
+    workload = measure.Workload.load("tiny")
     counted = workload.flops_per_image()
     model = workload.network(torch.device("cpu"))
     total = []
@@ -198,45 +182,41 @@ def test_flop_count_equals_an_independent_count_from_layer_shapes():
 
 
 def test_output_comparison_applies_each_tolerance():
-    b = bench()
     ref = torch.linspace(-1, 1, 1000)
-    assert b.compare_outputs(ref + 5e-5, ref, "float32")["equal"]
-    assert not b.compare_outputs(ref + 2e-4, ref, "float32")["equal"]
-    assert b.compare_outputs(ref * 1.02, ref, "bfloat16")["equal"]  # relative error 2e-2
-    assert not b.compare_outputs(ref * 1.02, ref, "float16")["equal"]
+    assert variants.compare_outputs(ref + 5e-5, ref, "float32")["equal"]
+    assert not variants.compare_outputs(ref + 2e-4, ref, "float32")["equal"]
+    assert variants.compare_outputs(ref * 1.02, ref, "bfloat16")["equal"]  # relative error 2e-2
+    assert not variants.compare_outputs(ref * 1.02, ref, "float16")["equal"]
     nan = ref.clone()
     nan[0] = float("nan")
-    assert not b.compare_outputs(nan, ref, "bfloat16")["equal"]
+    assert not variants.compare_outputs(nan, ref, "bfloat16")["equal"]
 
 
 def test_variant_names_parse_and_refuse_nonsense():
-    b = bench()
-    variant = b.Variant.parse("sdpa+channels_last+bf16")
+    variant = variants.Variant.parse("sdpa+channels_last+bf16")
     assert variant.switches == {"sdpa", "channels_last", "bf16"} and variant.precision == "bfloat16"
-    assert b.Variant.parse("adm_fp16+graphs").precision == "float16"
-    assert b.Variant.parse("graphs").skip_reason(torch.device("cpu")) is not None
-    assert b.Variant.parse("sdpa").skip_reason(torch.device("cpu")) is None
+    assert variants.Variant.parse("adm_fp16+graphs").precision == "float16"
+    assert variants.Variant.parse("graphs").skip_reason(torch.device("cpu")) is not None
+    assert variants.Variant.parse("sdpa").skip_reason(torch.device("cpu")) is None
     with pytest.raises(ValueError, match="unknown switch 'turbo'"):
-        b.Variant.parse("sdpa+turbo")
+        variants.Variant.parse("sdpa+turbo")
     with pytest.raises(ValueError, match="more than one"):
-        b.Variant.parse("bf16+fp16")
+        variants.Variant.parse("bf16+fp16")
     with pytest.raises(ValueError, match="start with eager"):
-        b.parse_variants("sdpa,eager")
+        variants.parse_variants("sdpa,eager")
 
 
 def test_peak_memory_sees_an_allocation_of_known_size():
-    b = bench()
-    with b.PeakMemory(torch.device("cpu")) as memory:
+    with measure.PeakMemory(torch.device("cpu")) as memory:
         block = torch.ones(64 * 2**20)  # 256 MiB, every page written
         del block
     assert memory.record["peak_mib"] - memory.record["before_mib"] >= 250
 
 
 def test_sampling_measurement_runs_the_real_loop_and_counts_network_time():
-    b = bench()
-    workload = b.Workload.load("tiny")
+    workload = measure.Workload.load("tiny")
     base = workload.network(torch.device("cpu"))
-    entry, samples = b.measure_sampling(workload, base, b.Variant.parse("eager"), 2, 3, torch.device("cpu"))
+    entry, samples = measure.measure_sampling(workload, base, variants.Variant.parse("eager"), 2, 3, torch.device("cpu"))
     # The same images as the plain loop with the same per-image noise.
     from guided_diffusion.image_noise import ImageNoise, image_labels
 
@@ -248,20 +228,18 @@ def test_sampling_measurement_runs_the_real_loop_and_counts_network_time():
 
 
 def test_cpu_target_is_judged_against_the_matmul_kernels_of_the_same_rounds():
-    b = bench()
     row = dict(config="cifar10_uncond_admes", batch=16, precision="float32", variant="sdpa", tflops=0.09,
                fraction_of_fp32_peak=0.9, window_peak=dict(tflops=dict(mm=0.1, conv1x1=0.11, conv3x3=0.12)))
-    lines = b.target_lines(dict(forward=[row], machine=dict(cpu="x")))
+    lines = report.target_lines(dict(forward=[row], machine=dict(cpu="x")))
     assert "torch.mm (MKL sgemm) timed in the same rounds: 90% (sdpa): met." in lines[0]
     assert "1x1-convolution GEMM timed in the same rounds: 82% (sdpa): NOT met." in lines[1]
     assert lines[2].endswith("reached 75% of it.")
 
 
 def test_cpu_peak_probe_counts_each_kernels_flops(monkeypatch):
-    b = bench()
-    probe = b.CpuPeakProbe(n=64)
+    probe = measure.CpuPeakProbe(n=64)
     seconds = iter([0.0, 2.0, 10.0, 11.0, 20.0, 24.0])  # each kernel's (start, end)
-    monkeypatch.setattr(b.time, "perf_counter", lambda: next(seconds))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(seconds))
     probe.sample()
     assert probe.best["mm"] == pytest.approx(2 * 64**3 / 2 / 1e12)
     assert probe.best["conv1x1"] == pytest.approx(2 * 4096 * 1024 * 1024 / 1 / 1e12)
@@ -270,24 +248,22 @@ def test_cpu_peak_probe_counts_each_kernels_flops(monkeypatch):
 
 
 def test_script_check_rows_render_as_a_table():
-    b = bench()
     rows = [dict(variant="plain", batch=4, seconds=8.3, ok=True, bytes_equal=True, max_abs_uint8_diff=0,
                  mean_abs_uint8_diff=0.0),
             dict(variant="cuda_graphs", batch=4, seconds=1.0, ok=False, error="error: --cuda_graphs True needs a CUDA GPU")]
-    text = b.render_markdown(dict(title="t", script_checks=rows))
+    text = report.render_markdown(dict(title="t", script_checks=rows))
     assert "| plain | 4 | 8.3 | yes | yes | 0 | 0 |  |" in text
     assert "| cuda_graphs | 4 | 1 | NO | - | - | - | error: --cuda_graphs True needs a CUDA GPU |" in text
 
 
 def test_strip_flags_removes_both_spellings():
-    b = bench()
     argv = ["run", "--processes", "2", "--threads=1", "--json", "a.json", "--configs=tiny", "--markdown=m.md"]
-    assert b._strip_flags(argv, ("--processes", "--threads", "--json", "--markdown")) == ["run", "--configs=tiny"]
+    stripped = bench_sampling._strip_flags(argv, ("--processes", "--threads", "--json", "--markdown"))
+    assert stripped == ["run", "--configs=tiny"]
 
 
 def test_processes_run_the_same_measurement_at_once_and_add_up_the_machine(tmp_path):
-    b = bench()
-    b.main(["run", "--configs=tiny", "--batch_sizes=2", "--variants=eager", "--repeats=1", "--min_seconds=0",
+    bench_sampling.main(["run", "--configs=tiny", "--batch_sizes=2", "--variants=eager", "--repeats=1", "--min_seconds=0",
             "--device=cpu", "--processes=2", f"--json={tmp_path / 'r.json'}", f"--markdown={tmp_path / 'r.md'}"])
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["processes"] == 2 and len(record["runs"]) == 2
@@ -296,5 +272,5 @@ def test_processes_run_the_same_measurement_at_once_and_add_up_the_machine(tmp_p
     assert all(run["machine"]["torch_threads"] == record["threads"] for run in record["runs"])
     assert "## Process 1: " in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit) as exit_info:
-        b.main(["run", "--configs=tiny", "--processes=0"])
+        bench_sampling.main(["run", "--configs=tiny", "--processes=0"])
     assert exit_info.value.code == 2

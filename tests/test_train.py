@@ -1,10 +1,10 @@
 """Training: learning on digits, exact resume, microbatches, DDPM-IP, atomic checkpoints, scripts."""
 
 import csv
-import importlib.util
 import math
 import os
-from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,12 +15,7 @@ from adm_common.errors import UsageError
 from guided_diffusion.digits.data import digits_arrays
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import LossSecondMomentResampler
-from guided_diffusion.script_util import (
-    create_classifier,
-    create_gaussian_diffusion,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion
 from guided_diffusion.train_util import (
     ClassifierTrainLoop,
     TrainLoop,
@@ -29,12 +24,9 @@ from guided_diffusion.train_util import (
     parse_resume_step_from_filename,
     seed_step,
 )
+from training_setup import REPO, STEPS, TINY_FLAGS, cli_status, load, make_loop, tiny_model_and_diffusion, train_command
 
 pytest.importorskip("sklearn")
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 50  # diffusion steps of the tiny models
-
 
 @pytest.fixture(autouse=True)
 def cpu_one_thread_quiet_logger(tmp_path_factory, monkeypatch):
@@ -46,32 +38,6 @@ def cpu_one_thread_quiet_logger(tmp_path_factory, monkeypatch):
     logger.configure(dir=str(tmp_path_factory.mktemp("log")), format_strs=(), rank=0)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_model_and_diffusion(class_cond=False, learn_sigma=False, use_fp16=False, init_seed=0):
-    flags = model_and_diffusion_defaults()
-    flags.update(
-        image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1", attention_resolutions="",
-        diffusion_steps=STEPS, class_cond=class_cond, num_classes=10, learn_sigma=learn_sigma, use_fp16=use_fp16,
-    )
-    torch.manual_seed(init_seed)
-    return create_model_and_diffusion(**flags)
-
-
-def make_loop(folder, data=None, start_batch=0, class_cond=False, model_and_diffusion=None, **overrides):
-    model, diffusion = model_and_diffusion or tiny_model_and_diffusion(class_cond=class_cond)
-    if data is None:
-        data = load_data(data_dir="digits", batch_size=8, image_size=8, class_cond=class_cond, seed=1,
-                         start_batch=start_batch)
-    kwargs = dict(batch_size=8, microbatch=-1, lr=1e-3, ema_rate="0.9", log_interval=1000, save_interval=1000,
-                  resume_checkpoint="", seed=0, checkpoint_dir=str(folder))
-    kwargs.update(overrides)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return TrainLoop(model=model, diffusion=diffusion, data=data, **kwargs)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # -- learning -------------------------------------------------------------------------------------
@@ -106,8 +72,7 @@ def test_resume_continues_bit_identically(tmp_path):
     first = make_loop(tmp_path / "first", max_steps=3, **common)
     first.run_loop()
     resume_from = tmp_path / "first" / "model000003.pt"
-    resumed = make_loop(tmp_path / "resumed", max_steps=5, start_batch=parse_resume_step_from_filename(resume_from),
-                        resume_checkpoint=str(resume_from), **common)
+    resumed = make_loop(tmp_path / "resumed", max_steps=5, resume=resume_from, **common)
     # ADM's counters: resume_step before this run, step within it
     assert (resumed.resume_step, resumed.step) == (3, 0)
     assert resumed.opt.param_groups[0]["lr"] == first.opt.param_groups[0]["lr"]
@@ -135,7 +100,7 @@ def test_resume_without_ema_and_opt_files_warns_and_fine_tunes(tmp_path):
     only_model = tmp_path / "b" / "weights.pt"
     only_model.parent.mkdir()
     os.replace(tmp_path / "a" / "model000002.pt", only_model)
-    tuned = make_loop(tmp_path / "c", resume_checkpoint=str(only_model))
+    tuned = make_loop(tmp_path / "c", resume=only_model)
     assert tuned.step == 0  # no step in the name: fine-tuning starts at 0
     weights = load(only_model)
     assert all(torch.equal(p, weights[n]) for n, p in tuned.model.named_parameters())
@@ -144,11 +109,11 @@ def test_resume_without_ema_and_opt_files_warns_and_fine_tunes(tmp_path):
 
 def test_bad_resume_and_flags_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        make_loop(tmp_path, resume_checkpoint=str(tmp_path / "model000010.pt"))
+        make_loop(tmp_path, resume=tmp_path / "model000010.pt")
     loop = make_loop(tmp_path, max_steps=1)
     loop.run_loop()
     with pytest.raises(UsageError, match="model\\*.pt beside it"):
-        make_loop(tmp_path, resume_checkpoint=str(tmp_path / "ema_0.9_000001.pt"))
+        make_loop(tmp_path, resume=tmp_path / "ema_0.9_000001.pt")
     with pytest.raises(UsageError, match="exclude each other"):
         make_loop(tmp_path, use_fp16=True, use_bf16=True)
     with pytest.raises(UsageError, match="ema_rate"):
@@ -326,7 +291,7 @@ def test_fp16_training_saves_float32_master_weights(tmp_path):
     assert loop.model.state_dict()[conv].dtype == torch.float16
     torch.testing.assert_close(saved[conv].half(), loop.model.state_dict()[conv])
     resumed = make_loop(tmp_path / "r", model_and_diffusion=tiny_model_and_diffusion(use_fp16=True), use_fp16=True,
-                        resume_checkpoint=str(tmp_path / "model000002.pt"))
+                        resume=tmp_path / "model000002.pt")
     restored = resumed.mp_trainer.master_params_to_state_dict(resumed.ema_params[0])
     assert all(torch.equal(restored[n], ema[n]) for n in names)
 
@@ -356,8 +321,7 @@ def _ddp_worker(rank, world, folder):
             # each rank starts from other weights: training must adopt rank 0's
             model_and_diffusion = tiny_model_and_diffusion(class_cond=True, init_seed=100 + rank)
             loop = make_loop(f"{folder}/{name}", model_and_diffusion=model_and_diffusion, class_cond=True,
-                             start_batch=parse_resume_step_from_filename(resume), resume_checkpoint=resume,
-                             batch_size=8, microbatch=3, max_steps=max_steps, ema_rate="0.9")
+                             resume=resume, batch_size=8, microbatch=3, max_steps=max_steps, ema_rate="0.9")
             assert loop.use_ddp
             loop.run_loop()
             weights = {n: p.detach().clone() for n, p in loop.model.named_parameters()}
@@ -427,53 +391,51 @@ def test_classifier_learns_digits(tmp_path):
 # -- scripts --------------------------------------------------------------------------------------
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+DIGITS = ["--data_dir", "digits", "--batch_size", "8", *TINY_FLAGS]
 
 
-TINY_FLAGS = ["--data_dir", "digits", "--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
-              "--channel_mult", "1", "--attention_resolutions", "", "--diffusion_steps", "50", "--batch_size", "8",
-              "--lr", "1e-3", "--ema_rate", "0.9"]
-
-
-def test_image_train_script_trains_and_resumes(tmp_path, script_process_group):
-    script = _script("image_train")
+def test_image_train_trains_and_resumes(tmp_path, script_process_group):
     run = tmp_path / "run"
-    script.main(TINY_FLAGS + ["--max_steps", "2", "--log_dir", str(run), "--class_cond", "True", "--num_classes", "10"])
+    train_command("image_train", DIGITS + ["--max_steps", "2", "--log_dir", str(run), "--class_cond", "True",
+                                           "--num_classes", "10"])
     assert {"model000002.pt", "ema_0.9_000002.pt", "opt000002.pt", "progress.csv"} <= set(os.listdir(run))
     again = tmp_path / "again"
-    script.main(TINY_FLAGS + ["--max_steps", "3", "--log_dir", str(again), "--class_cond", "True",
-                              "--num_classes", "10", "--resume_checkpoint", str(run / "model000002.pt")])
+    train_command("image_train", DIGITS + ["--max_steps", "3", "--log_dir", str(again), "--class_cond", "True",
+                                           "--num_classes", "10", "--resume_checkpoint", str(run / "model000002.pt")])
     assert "model000003.pt" in os.listdir(again) and "model000002.pt" not in os.listdir(again)
 
 
-def test_train_script_errors_are_one_line(tmp_path, script_process_group, capsys):
-    from adm_common.cli import cli_main
-
-    script = _script("image_train")
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(lambda: script.main(TINY_FLAGS + ["--data_dir", str(tmp_path / "nowhere"), "--max_steps", "1",
-                                                   "--log_dir", str(tmp_path / "log2")]))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
+def test_train_errors_are_one_line(tmp_path, script_process_group, capsys):
+    code, err, _ = cli_status("image_train", DIGITS + ["--data_dir", str(tmp_path / "nowhere"), "--max_steps", "1",
+                                                       "--log_dir", str(tmp_path / "log2")], capsys)
+    assert code == 2
     assert err.startswith("error: ") and "does not exist" in err and len(err.splitlines()) == 1
 
 
-def test_classifier_and_super_res_scripts_run(tmp_path, script_process_group):
-    _script("classifier_train").main([
-        "--data_dir", "digits", "--image_size", "8", "--num_classes", "10", "--classifier_width", "64",
-        "--classifier_depth", "1", "--classifier_channel_mult", "1", "--classifier_attention_resolutions", "",
-        "--classifier_pool", "adaptive", "--batch_size", "8", "--iterations", "2", "--diffusion_steps", "50",
-        "--log_dir", str(tmp_path / "cls"), "--val_data_dir", "digits", "--eval_interval", "1",
-    ])
+def test_eps_scaler_and_input_perturbation_together_are_refused_before_the_log_folder(tmp_path, script_process_group,
+                                                                                    capsys):
+    code, err, _ = cli_status("image_train", DIGITS + ["--eps_scaler", "0.1", "--input_perturbation", "0.1",
+                                                       "--max_steps", "1", "--log_dir", str(tmp_path / "log")], capsys)
+    assert code == 2 and err == ("error: --eps_scaler (ADM-ES's input perturbation) and --input_perturbation are the "
+                                 "same DDPM-IP perturbation; give one of them")
+    assert not (tmp_path / "log").exists()
+
+
+def test_classifier_and_super_res_scripts_run(tmp_path):
+    def script(name, *argv):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), *argv], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    script("classifier_train",
+           "--data_dir", "digits", "--image_size", "8", "--num_classes", "10", "--classifier_width", "64",
+           "--classifier_depth", "1", "--classifier_channel_mult", "1", "--classifier_attention_resolutions", "",
+           "--classifier_pool", "adaptive", "--batch_size", "8", "--iterations", "2", "--diffusion_steps", "50",
+           "--log_dir", str(tmp_path / "cls"), "--val_data_dir", "digits", "--eval_interval", "1")
     assert {"model000002.pt", "opt000002.pt"} <= set(os.listdir(tmp_path / "cls"))
-    _script("super_res_train").main([
-        "--data_dir", "digits:64", "--large_size", "64", "--small_size", "16", "--num_channels", "32",
-        "--num_res_blocks", "1", "--attention_resolutions", "", "--diffusion_steps", "50", "--batch_size", "2",
-        "--max_steps", "1", "--log_dir", str(tmp_path / "sr"),
-    ])
+    script("super_res_train",
+           "--data_dir", "digits:64", "--large_size", "64", "--small_size", "16", "--num_channels", "32",
+           "--num_res_blocks", "1", "--attention_resolutions", "", "--diffusion_steps", "50", "--batch_size", "2",
+           "--max_steps", "1", "--log_dir", str(tmp_path / "sr"))
     saved = load(tmp_path / "sr" / "model000001.pt")
     assert saved["input_blocks.0.0.weight"].shape[1] == 6  # image + upsampled low-res input

@@ -9,7 +9,6 @@ state_dicts under ADM's names.
 
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -23,19 +22,16 @@ import torch
 from guided_diffusion import dist_util, logger, train_util
 from adm_common.errors import UsageError
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.train_util import (
     TrainLoop,
     check_checkpoint_set,
     latest_complete_checkpoint,
     write_checkpoint_set,
 )
+from training_setup import REPO, TINY_FLAGS, cli_status, load, tiny_model_and_diffusion, train_command
+from training_setup import make_loop as tiny_loop
 
 pytest.importorskip("sklearn")
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 50
-
 
 @pytest.fixture(autouse=True)
 def cpu_quiet_logger(tmp_path_factory, monkeypatch):
@@ -43,23 +39,8 @@ def cpu_quiet_logger(tmp_path_factory, monkeypatch):
     logger.configure(dir=str(tmp_path_factory.mktemp("log")), format_strs=(), rank=0)
 
 
-def tiny(num_channels=32, use_fp16=False, init_seed=0):
-    flags = model_and_diffusion_defaults()
-    flags.update(image_size=8, num_channels=num_channels, num_res_blocks=1, channel_mult="1",
-                 attention_resolutions="", diffusion_steps=STEPS, use_fp16=use_fp16)
-    torch.manual_seed(init_seed)
-    return create_model_and_diffusion(**flags)
-
-
-def make_loop(folder, resume="", max_steps=2, model_and_diffusion=None, **overrides):
-    model, diffusion = model_and_diffusion or tiny()
-    start = train_util.parse_resume_step_from_filename(resume)
-    data = load_data(data_dir="digits", batch_size=4, image_size=8, seed=1, start_batch=start)
-    kwargs = dict(batch_size=4, microbatch=-1, lr=1e-3, ema_rate="0.9", log_interval=1000, save_interval=1000,
-                  resume_checkpoint=str(resume), seed=0, checkpoint_dir=str(folder), max_steps=max_steps)
-    kwargs.update(overrides)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return TrainLoop(model=model, diffusion=diffusion, data=data, **kwargs)
+def make_loop(folder, resume="", max_steps=2, **overrides):
+    return tiny_loop(folder, resume=resume, batch_size=4, max_steps=max_steps, **overrides)
 
 
 def sha256(path):
@@ -68,10 +49,6 @@ def sha256(path):
 
 def snapshot(folder):
     return {p.name: p.read_bytes() for p in Path(folder).iterdir()}
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def adm_step_from_filename(filename):
@@ -174,14 +151,12 @@ def test_a_failed_save_of_the_same_step_keeps_the_old_set_until_the_renames(tmp_
 
 # -- kill -9 at any moment of a save -------------------------------------------------------------
 
-TINY_FLAGS = ["--data_dir", "digits", "--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1",
-              "--channel_mult", "1", "--attention_resolutions", "", "--diffusion_steps", "50", "--batch_size", "4",
-              "--lr", "1e-3", "--ema_rate", "0.9", "--save_interval", "2", "--seed", "0"]
+FLAGS = ["--data_dir", "digits", "--batch_size", "4", *TINY_FLAGS, "--save_interval", "2", "--seed", "0"]
 
 # Runs image_train.py and kills itself with SIGKILL while it saves the set of step 4: in the middle
 # of writing the EMA file, or right after model000004.pt is renamed into place.
 KILLER = r"""
-import importlib.util, os, signal, sys
+import os, runpy, signal, sys
 import torch
 from guided_diffusion import train_util
 moment, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -204,27 +179,9 @@ def replace(src, dst):
 train_util.write_checkpoint_set = write_checkpoint_set
 torch.save = save
 os.replace = replace
-spec = importlib.util.spec_from_file_location("image_train", script)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-module.main(argv)
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
 """
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run_script_cli(script, argv, capsys):
-    from adm_common.cli import cli_main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(lambda: script.main(argv))
-    return exit_info.value.code, capsys.readouterr().err.strip()
 
 
 @pytest.mark.parametrize("moment", ["writing", "renaming"])
@@ -234,7 +191,7 @@ def test_kill_9_during_a_save_leaves_the_previous_set_and_resume_uses_it(
     killed = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-c", KILLER, moment, str(REPO / "scripts" / "image_train.py"), *TINY_FLAGS,
+        [sys.executable, "-c", KILLER, moment, str(REPO / "scripts" / "image_train.py"), *FLAGS,
          "--max_steps", "4", "--log_dir", str(killed)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -247,12 +204,11 @@ def test_kill_9_during_a_save_leaves_the_previous_set_and_resume_uses_it(
     assert check_checkpoint_set(killed / "model000002.pt", [0.9]).complete
     assert latest_complete_checkpoint(killed, [0.9]) == killed / "model000002.pt"
 
-    script = _script("image_train")
     if moment == "renaming":  # model000004.pt is in place, the rest of its set is not
         assert "model000004.pt" in names and "opt000004.pt" not in names
-        code, err = _run_script_cli(
-            script, TINY_FLAGS + ["--max_steps", "6", "--log_dir", str(tmp_path / "refused"),
-                                  "--resume_checkpoint", str(killed / "model000004.pt")], capsys)
+        code, err, _ = cli_status(
+            "image_train", FLAGS + ["--max_steps", "6", "--log_dir", str(tmp_path / "refused"),
+                                    "--resume_checkpoint", str(killed / "model000004.pt")], capsys)
         assert code == 2 and len(err.splitlines()) == 1
         assert err.startswith("error: cannot resume from") and "incomplete" in err
         assert "ema_0.9_000004.pt" in err and "opt000004.pt" in err and "checkpoint000004.json" in err
@@ -263,9 +219,9 @@ def test_kill_9_during_a_save_leaves_the_previous_set_and_resume_uses_it(
 
     # the previous set resumes, and the run ends where an uninterrupted one does
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    script.main(TINY_FLAGS + ["--max_steps", "4", "--log_dir", str(resumed),
-                              "--resume_checkpoint", str(killed / "model000002.pt")])
-    script.main(TINY_FLAGS + ["--max_steps", "4", "--log_dir", str(straight)])
+    train_command("image_train", FLAGS + ["--max_steps", "4", "--log_dir", str(resumed),
+                                          "--resume_checkpoint", str(killed / "model000002.pt")])
+    train_command("image_train", FLAGS + ["--max_steps", "4", "--log_dir", str(straight)])
     for name in ("model000004.pt", "ema_0.9_000004.pt"):
         a, b = load(resumed / name), load(straight / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -304,7 +260,7 @@ def test_an_incomplete_set_is_refused_in_one_line_naming_what_is_missing(two_set
     else:
         data = (two_sets / "opt000002.pt").read_bytes()
         (two_sets / "opt000002.pt").write_bytes(data[: len(data) // 2])
-    model, diffusion = tiny(init_seed=7)
+    model, diffusion = tiny_model_and_diffusion(init_seed=7)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UsageError) as info:
         make_loop(tmp_path / "new", resume=two_sets / "model000002.pt", model_and_diffusion=(model, diffusion))
@@ -351,8 +307,7 @@ def test_adm_layout_without_records_resumes_when_every_file_is_there(two_sets, t
 
 def test_the_script_refuses_an_incomplete_set_with_status_2(two_sets, tmp_path, script_process_group, capsys):
     (two_sets / "opt000002.pt").unlink()
-    flags = [f for f in TINY_FLAGS]
-    code, err = _run_script_cli(_script("image_train"), flags + [
+    code, err, _ = cli_status("image_train", FLAGS + [
         "--max_steps", "3", "--log_dir", str(tmp_path / "log"), "--resume_checkpoint", str(two_sets / "model000002.pt"),
     ], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "missing opt000002.pt" in err
@@ -379,9 +334,10 @@ def test_a_state_of_another_model_is_refused_before_anything_changes(tmp_path, w
     small = make_loop(tmp_path / "small", max_steps=1)
     small.run_loop()
     if wrong == "fp16 opt":
-        other = make_loop(tmp_path / "fp16", max_steps=1, model_and_diffusion=tiny(use_fp16=True), use_fp16=True)
+        other = make_loop(tmp_path / "fp16", max_steps=1, model_and_diffusion=tiny_model_and_diffusion(use_fp16=True),
+                          use_fp16=True)
     else:
-        other = make_loop(tmp_path / "big", max_steps=1, model_and_diffusion=tiny(num_channels=64))
+        other = make_loop(tmp_path / "big", max_steps=1, model_and_diffusion=tiny_model_and_diffusion(num_channels=64))
     other.run_loop()
     model_sd, opt_sd = _states_of(small)
     other_model_sd, other_opt_sd = _states_of(other)
@@ -392,7 +348,7 @@ def test_a_state_of_another_model_is_refused_before_anything_changes(tmp_path, w
         path = _set_with(tmp_path / "set", 1, model_sd, model_sd, other_opt_sd)
         expected = "opt000001.pt does not fit this model"
     before = snapshot(tmp_path / "set")
-    model, diffusion = tiny(init_seed=3)
+    model, diffusion = tiny_model_and_diffusion(init_seed=3)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(UsageError) as info:
         make_loop(tmp_path / "resumed", resume=path, model_and_diffusion=(model, diffusion))
@@ -415,7 +371,7 @@ def test_find_resume_checkpoint_and_get_blob_logdir_can_be_replaced(two_sets, tm
     elsewhere.mkdir()
     monkeypatch.setattr(train_util, "find_resume_checkpoint", lambda: latest_complete_checkpoint(two_sets, [0.9]))
     monkeypatch.setattr(train_util, "get_blob_logdir", lambda: str(elsewhere))
-    model, diffusion = tiny()
+    model, diffusion = tiny_model_and_diffusion()
     data = load_data(data_dir="digits", batch_size=4, image_size=8, seed=1, start_batch=2)
     loop = TrainLoop(model=model, diffusion=diffusion, data=data, batch_size=4, microbatch=-1, lr=1e-3,
                      ema_rate="0.9", log_interval=1000, save_interval=1000, resume_checkpoint="", max_steps=3)

@@ -220,6 +220,7 @@ def run_chains(
     progress: bool = False,
     label: str = "",
     eps_scale_text: str = "",
+    time_shift=None,
 ) -> ChainRun:
     """Sample from forward-noised ``images``, choosing lambda step by step, and measure each step.
 
@@ -228,6 +229,9 @@ def run_chains(
     (``eps_norm_forward`` is NaN when ``forward_norms`` is False). The network runs once per
     chain and step, plus once on forward-noised data when ``forward_norms``. Chain i draws its
     noise from image i's stream of ``seed``, the forward-noised probes from another stream.
+    ``time_shift`` (time_shift.TimeShift or its text): each step moves an image to the timestep
+    the Time-Shift rule chooses, as the sampling loops do; delta_t is still measured against the
+    scheduled step's alpha_bar, so the rows say how far the chains are from where they should be.
     """
     from tqdm.auto import tqdm
 
@@ -246,6 +250,7 @@ def run_chains(
     probe_noise = [ImageNoise(seed, b, STREAM_EXTRA) for b in batches]
     kwargs = [{} if labels is None else {"y": labels[b.start:b.stop].to(device)} for b in batches]
     timestep_map = getattr(diffusion, "timestep_map", range(num_steps))
+    shifter = diffusion.time_shifter(time_shift, ddim=use_ddim)
 
     def rows_of(tensor, i):
         return tensor[batches[i].start:batches[i].stop]
@@ -296,9 +301,10 @@ def run_chains(
                 "eps_norm_forward": eps_norm_forward,
                 "eps_norm_ratio": eps_norm_sampling / eps_norm_forward if eps_norm_forward else math.nan,
             })
+            targets = [None if shifter is None else shifter.step(rows_of(x, i), t)[1] for i in range(len(batches))]
             x = torch.cat([
                 _step(diffusion, outputs[i], rows_of(x, i), t_of(i, t), schedule, chain_noise[i], kwargs[i],
-                      clip_denoised, use_ddim)
+                      clip_denoised, use_ddim, targets[i])
                 for i in range(len(batches))
             ])
     return ChainRun(label=label, eps_scale=eps_scale_text, rows=rows, samples=x.cpu(), data=data.cpu())
@@ -313,19 +319,21 @@ def measure_exposure_bias(diffusion, model, images, eps_scale=None, *, label: st
                       eps_scale_text=str(schedule), **kwargs)
 
 
-def _step(diffusion, output, x, t, schedule, noise, model_kwargs, clip_denoised, use_ddim):
-    """One sampler step from x_t that reuses the network output already computed at x_t."""
+def _step(diffusion, output, x, t, schedule, noise, model_kwargs, clip_denoised, use_ddim, target=None):
+    """One sampler step from x_t that reuses the network output already computed at x_t; ``target``
+    (per image alpha_bar, or None) is a time shift's, taken by the loops' own shifted step."""
 
     def replay(*_args, **_kwargs):
         return output
 
+    options = dict(clip_denoised=clip_denoised, model_kwargs=model_kwargs, eps_scale=schedule, generator=noise)
+    if target is not None:
+        step = diffusion._ddim_step if use_ddim else diffusion._ancestral_step
+        extra = {"eta": 0.0} if use_ddim else {}
+        return step(replay, x, t, denoised_fn=None, cond_fn=None, target_alpha_bar=target, **options, **extra)["sample"]
     if use_ddim:
-        out = diffusion.ddim_sample(replay, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                    eta=0.0, eps_scale=schedule, generator=noise)
-    else:
-        out = diffusion.p_sample(replay, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                 eps_scale=schedule, generator=noise)
-    return out["sample"]
+        return diffusion.ddim_sample(replay, x, t, eta=0.0, **options)["sample"]
+    return diffusion.p_sample(replay, x, t, **options)["sample"]
 
 
 # ---------------------------------------------------------------------------------------------

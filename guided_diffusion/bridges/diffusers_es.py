@@ -10,8 +10,13 @@ call::
 
 The wrapper divides the noise prediction by lambda_t before the scheduler sees it, which is where
 ES acts: every supported scheduler turns that noise into its x0 prediction (and DDIM's direction
-and Euler's derivative) and nothing else. A learned-variance output (2*C channels) keeps its last
-C variance channels as they are. lambda_t comes from ``eps_scaling``; t is the scheduler's position
+and Euler's derivative) and nothing else. A model that predicts v or x0 (``prediction_type``
+"v_prediction", "sample"; "flow_prediction" on flow sigmas) gets the output whose noise, read the
+way its scheduler reads it at that step, is the model's noise divided by lambda_t, for the same
+sample: with x_t = alpha_t x0 + sigma_t eps that is ``out / lambda + (1 / lambda - 1) * k * sample``,
+k from the step's alpha_t and sigma_t (``_sample_coefficient``); a step with lambda_t = 1 leaves
+the output untouched. A learned-variance output (2*C channels) keeps its last C variance channels
+as they are. lambda_t comes from ``eps_scaling``; t is the scheduler's position
 in its own timestep list, counted as the chain index (T'-1 at the first, noisiest step), so it
 stays right when a pipeline calls ``set_timesteps`` again or starts part-way (image-to-image).
 ``scale_model_input`` and everything else of the scheduler is left alone.
@@ -70,6 +75,7 @@ __all__ = [
     "quiet_loading",
     "remove_eps_scaling",
     "require_diffusers",
+    "rescale_prediction",
     "sample_images",
     "scale_model_output",
     "use_scheduler",
@@ -111,6 +117,47 @@ def _scheduler_of(target):
     )
 
 
+# The prediction types each supported scheduler's step reads (diffusers 0.42); Euler's
+# "original_sample" is its older name for "sample".
+_READ_PREDICTIONS = {
+    "DDPMScheduler": ("epsilon", "sample", "v_prediction"),
+    "DDIMScheduler": ("epsilon", "sample", "v_prediction"),
+    "EulerDiscreteScheduler": ("epsilon", "sample", "original_sample", "v_prediction"),
+    "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction"),
+    "DPMSolverMultistepScheduler": ("epsilon", "sample", "v_prediction", "flow_prediction"),
+}
+
+
+def _supported_kind(scheduler) -> str:
+    """The name of the supported scheduler class that ``scheduler`` is (or derives from)."""
+    diffusers = require_diffusers()
+    return next(name for name in SCALABLE_SCHEDULERS if isinstance(scheduler, getattr(diffusers, name)))
+
+
+def _prediction_type(scheduler) -> str:
+    return scheduler.config.get("prediction_type", "epsilon")
+
+
+def _prediction_refusal(scheduler) -> str | None:
+    """Why Epsilon Scaling cannot be defined for what this scheduler's model predicts, or None."""
+    name, prediction = _supported_kind(scheduler), _prediction_type(scheduler)
+    if prediction not in _READ_PREDICTIONS[name]:
+        return (f"{name} does not read a model with prediction_type {prediction!r} (it reads "
+                f"{_listed(repr(p) for p in _READ_PREDICTIONS[name])}), so there is no noise to scale; "
+                "set the prediction_type the model was trained with, or use a scheduler that reads it")
+    flow_sigmas = bool(scheduler.config.get("use_flow_sigmas", False))
+    if prediction == "flow_prediction" and not flow_sigmas:
+        return (f"{name} reads prediction_type 'flow_prediction' on its variance-preserving sigmas "
+                "(use_flow_sigmas=False), where a flow prediction names no noise; set use_flow_sigmas=True")
+    if prediction == "flow_prediction" and scheduler.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+        return (f"{name} with algorithm_type {scheduler.config.algorithm_type!r} cannot step a flow prediction; "
+                "use algorithm_type dpmsolver++ or sde-dpmsolver++")
+    if prediction == "v_prediction" and flow_sigmas:
+        return (f"{name} reads a v-prediction with variance-preserving coefficients on flow sigmas "
+                "(use_flow_sigmas=True), where x0 and the noise it implies disagree, so its noise is not defined")
+    return None
+
+
 def _check_scalable(scheduler) -> None:
     diffusers = require_diffusers()
     known = tuple(getattr(diffusers, name) for name in SCALABLE_SCHEDULERS)
@@ -119,28 +166,87 @@ def _check_scalable(scheduler) -> None:
             f"Epsilon Scaling does not support {type(scheduler).__name__}; switch the pipeline to one of "
             f"{', '.join(SCALABLE_SCHEDULERS)}, e.g. pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
         )
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type != "epsilon":
+    refusal = _prediction_refusal(scheduler)
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
+def _signal_and_noise(scheduler, timestep, position: int) -> tuple[float, float, float]:
+    """(alpha_t, sigma_t, c) of the step: c * sample = alpha_t * x0 + sigma_t * eps, with the sample
+    ``step`` receives and the coefficients its step reads the prediction with.
+
+    DDPM and DDIM read alphas_cumprod at the timestep and step the model's own x_t (c = 1).
+    DPM-Solver reads its sigma at the step, as alpha_t = 1 / sqrt(1 + sigma^2) (or 1 - sigma on
+    flow sigmas), on x_t itself. Euler steps x0 + sigma * eps, the model's x_t divided by alpha_t
+    (what ``scale_model_input`` undoes), so c = alpha_t.
+    """
+    name = _supported_kind(scheduler)
+    if name in ("DDPMScheduler", "DDIMScheduler"):
+        abar = float(scheduler.alphas_cumprod[int(timestep)])
+        return abar ** 0.5, (1.0 - abar) ** 0.5, 1.0
+    sigma = float(scheduler.sigmas[position])
+    if name == "DPMSolverMultistepScheduler" and scheduler.config.use_flow_sigmas:
+        return 1.0 - sigma, sigma, 1.0
+    alpha = 1.0 / (1.0 + sigma ** 2) ** 0.5
+    return alpha, sigma * alpha, alpha if name.startswith("Euler") else 1.0
+
+
+def _sample_coefficient(scheduler, timestep, position: int, lam: float) -> float:
+    """k for which ``out / lam + (1 / lam - 1) * k * sample`` is the output whose noise is divided by lam.
+
+    With eps' = eps / lam and the sample kept, x0' = (x_t - sigma eps') / alpha, and the new output
+    follows from (x0', eps') as the old from (x0, eps): x0' = x0 / lam + (1 - 1 / lam) x_t / alpha;
+    v = alpha eps - sigma x0 gives v' = v / lam + (1 / lam - 1) (sigma / alpha) x_t; a flow output
+    u = eps - x0 (alpha + sigma = 1) gives u' = u / lam + (1 / lam - 1) x_t / alpha. Each needs alpha > 0.
+    """
+    alpha, sigma, c = _signal_and_noise(scheduler, timestep, position)
+    prediction = _prediction_type(scheduler)
+    if alpha == 0.0:
         raise ValueError(
-            f"this scheduler's model predicts {prediction_type!r}, not noise; Epsilon Scaling divides a noise "
-            "prediction and only applies to models with prediction_type='epsilon'"
+            f"at timestep {int(timestep)} alpha_t is 0 (a zero terminal SNR schedule): x_t is pure noise there, so a "
+            f"{prediction!r} model's noise is x_t itself and cannot be divided by lambda = {lam:g}; "
+            "give that step lambda 1 (e.g. a table: schedule)"
         )
+    if prediction == "v_prediction":
+        return sigma * c / alpha
+    if prediction == "flow_prediction":
+        return c / alpha
+    return -c / alpha  # "sample", "original_sample"
+
+
+def rescale_prediction(prediction: torch.Tensor, sample: torch.Tensor, lam: float,
+                       sample_coefficient: float) -> torch.Tensor:
+    """``prediction / lam + (1 / lam - 1) * sample_coefficient * sample``, computed in at least float32
+    and returned in the prediction's dtype (the dtype the scheduler is handed)."""
+    work = torch.promote_types(prediction.dtype, torch.float32)
+    scaled = prediction.to(work) / lam + ((1.0 / lam - 1.0) * sample_coefficient) * sample.to(work)
+    return scaled.to(prediction.dtype)
 
 
 def scale_model_output(
-    model_output: torch.Tensor, sample: torch.Tensor, schedule: EpsScale, t: int, num_steps: int
+    model_output: torch.Tensor, sample: torch.Tensor, schedule: EpsScale, t: int, num_steps: int,
+    sample_coefficient: float = 0.0,
 ) -> torch.Tensor:
-    """Divide the noise channels of ``model_output`` by lambda_t; learned-variance channels are kept."""
+    """Divide the noise that ``model_output`` stands for by lambda_t; learned-variance channels are kept.
+
+    A noise prediction (``sample_coefficient`` 0) is divided by lambda_t; any other prediction is
+    rescaled by ``rescale_prediction`` with the step's ``_sample_coefficient``, and left as it is
+    where lambda_t is 1.
+    """
     channels = sample.shape[1]
-    if model_output.shape[1] == channels:
-        return scale_eps(model_output, schedule, t, num_steps)
-    if model_output.shape[1] == 2 * channels:
-        eps, variance = model_output.split(channels, dim=1)
-        return torch.cat([scale_eps(eps, schedule, t, num_steps), variance], dim=1)
-    raise ValueError(
-        f"model output has {model_output.shape[1]} channels but the sample has {channels}; Epsilon Scaling "
-        f"expects {channels} noise channels, or {2 * channels} with learned variance"
-    )
+    if model_output.shape[1] not in (channels, 2 * channels):
+        raise ValueError(
+            f"model output has {model_output.shape[1]} channels but the sample has {channels}; Epsilon Scaling "
+            f"expects {channels} prediction channels, or {2 * channels} with learned variance"
+        )
+    learned_variance = model_output.shape[1] == 2 * channels
+    prediction, variance = model_output.split(channels, dim=1) if learned_variance else (model_output, None)
+    if sample_coefficient == 0.0:
+        scaled = scale_eps(prediction, schedule, t, num_steps)
+    else:
+        lam = schedule.value(t, num_steps)
+        scaled = prediction if lam == 1.0 else rescale_prediction(prediction, sample, lam, sample_coefficient)
+    return torch.cat([scaled, variance], dim=1) if learned_variance else scaled
 
 
 def _chain_position(scheduler, timestep) -> int:
@@ -178,9 +284,25 @@ class _ScaledStep:
         scheduler = self.scheduler
         num_steps = len(scheduler.timesteps)
         self.eps_scale.validate(num_steps)
-        t = sampling_order_t(_chain_position(scheduler, timestep), num_steps)
-        model_output = scale_model_output(model_output, sample, self.eps_scale, t, num_steps)
+        position = _chain_position(scheduler, timestep)
+        t = sampling_order_t(position, num_steps)
+        if _prediction_type(scheduler) == "epsilon":
+            model_output = scale_model_output(model_output, sample, self.eps_scale, t, num_steps)
+        elif (lam := self.eps_scale.value(t, num_steps)) != 1.0:  # lambda 1: the output as the model gave it
+            self._check_no_churn(model_output, timestep, sample, *args, **kwargs)
+            coefficient = _sample_coefficient(scheduler, timestep, position, lam)
+            model_output = scale_model_output(model_output, sample, self.eps_scale, t, num_steps, coefficient)
         return self.__wrapped__(model_output, timestep, sample, *args, **kwargs)
+
+    def _check_no_churn(self, *step_args, **step_kwargs) -> None:
+        """Euler's s_churn adds noise to the sample inside ``step`` before it reads the prediction,
+        so a v or x0 prediction cannot be rescaled against the sample its step will use."""
+        churn = inspect.signature(self.__wrapped__).bind(*step_args, **step_kwargs).arguments.get("s_churn", 0.0)
+        if churn:
+            raise ValueError(
+                f"s_churn={churn}: {type(self.scheduler).__name__} adds noise to the sample before it reads a "
+                f"{_prediction_type(self.scheduler)!r} prediction, so Epsilon Scaling cannot rescale it; use s_churn=0"
+            )
 
 
 def installed_eps_scale(target) -> EpsScale | None:
@@ -442,6 +564,9 @@ def check_pairing(pipe, num_steps: int, eta: float = 0.0) -> None:
     if scheduler not in drives:
         raise UsageError(f"{pipeline} cannot drive {scheduler}: it {why_not.format(scheduler=scheduler)}; "
                          f"use --scheduler {_flags_for(drives)}")
+    refusal = _prediction_refusal(pipe.scheduler)
+    if refusal is not None:
+        raise UsageError(refusal)
     if eta != 0.0 and not _takes_eta(pipe):
         raise UsageError(f"--eta {eta}: {pipeline} takes no eta; leave --eta at 0")
     if eta != 0.0 and scheduler != "DDIMScheduler":
@@ -450,8 +575,10 @@ def check_pairing(pipe, num_steps: int, eta: float = 0.0) -> None:
     channels, out = pipe.unet.config.in_channels, pipe.unet.config.out_channels
     variance = pipe.scheduler.config.get("variance_type")
     learned = variance in ("learned", "learned_range")
+    prediction = _prediction_type(pipe.scheduler)
     if out == 2 * channels:
-        what = f"the UNet predicts noise and variance ({out} channels for a {channels}-channel sample)"
+        predicted = "noise" if prediction == "epsilon" else repr(prediction)
+        what = f"the UNet predicts {predicted} and variance ({out} channels for a {channels}-channel sample)"
         if scheduler not in _VARIANCE_SCHEDULERS:
             raise UsageError(
                 f"{what}, which {scheduler} cannot read; use --scheduler {_flags_for(_VARIANCE_SCHEDULERS)}"
@@ -459,6 +586,9 @@ def check_pairing(pipe, num_steps: int, eta: float = 0.0) -> None:
         if not learned:
             raise UsageError(f"{what}, but the scheduler's variance_type is {variance!r}; "
                              "set variance_type to learned_range in its scheduler_config.json")
+        if scheduler == "DPMSolverMultistepScheduler" and prediction != "epsilon":
+            raise UsageError(f"{what}; DPMSolverMultistepScheduler sets a learned variance aside only beside a "
+                             "noise prediction (prediction_type 'epsilon'); use --scheduler ddpm")
         if scheduler == "DPMSolverMultistepScheduler" and channels != 3:
             raise UsageError(f"{what}; DPMSolverMultistepScheduler keeps the first 3 channels of a learned-variance "
                              "output, not the noise of this sample; use --scheduler ddpm")

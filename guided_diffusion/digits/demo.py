@@ -33,17 +33,15 @@ from guided_diffusion.eps_scaling import EpsScale
 from adm_common.errors import UsageError
 from adm_common.files import atomic_write_figure, atomic_write_text, folder_lock_file, locked
 from guided_diffusion.analysis.lambda_search import EvaluationCache, LambdaSearch, calibrate_eps_scale, frechet_score
-from guided_diffusion.run.output import dequantize, quantize
+from guided_diffusion.run.output import dequantize, output_folder, quantize
 from guided_diffusion.run.pipeline import batch_sampler
+from guided_diffusion.run.configs import CONFIG_DIR, load_config
 from guided_diffusion.script_util import (
-    CONFIG_DIR,
     classifier_defaults,
     create_classifier,
     create_model_and_diffusion,
     diffusion_from_flags,
-    load_config,
     model_and_diffusion_defaults,
-    output_folder,
 )
 
 SEARCH_SEED = 100  # lambda is chosen on this seed; the table is scored on others

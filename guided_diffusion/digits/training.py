@@ -24,7 +24,7 @@ from guided_diffusion.digits.features import FEATURES_FILE, train_digit_features
 from adm_common.files import atomic_write_safetensors
 from adm_common.errors import UsageError
 from adm_common.cli import Terminated
-from guided_diffusion.script_util import CONFIG_DIR, load_config
+from guided_diffusion.run.configs import CONFIG_DIR, load_config
 from guided_diffusion.train_util import ema_checkpoint_name, model_checkpoint_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

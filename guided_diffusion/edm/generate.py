@@ -35,12 +35,20 @@ from adm_common.files import (
     release_lock,
 )
 from guided_diffusion.edm.samplers import EDMSeedNoise, karras_sample
-from guided_diffusion.run.output import NON_IMAGE_SETTINGS, SampleRun, environment_record, finite_pixels, quantize
+from guided_diffusion.run.output import (
+    NON_IMAGE_SETTINGS,
+    SampleRun,
+    environment_record,
+    finite_pixels,
+    quantize,
+    run_sampling,
+)
 from guided_diffusion.run.collective import together
 
 __all__ = [
     "QUANTIZATIONS", "OUTPUT_FORMATS", "quantize_edm", "quantizer", "parse_seeds", "seed_batches",
-    "png_path", "sample_seeds", "SeedListRun", "write_png_folder", "PNG_SIDECAR",
+    "png_path", "sample_seeds", "SeedListRun", "write_png_folder", "PNG_SIDECAR", "decide_seed_mode",
+    "sample_cast", "write_seed_images",
 ]
 
 QUANTIZATIONS = ("adm", "edm")
@@ -59,6 +67,31 @@ def quantizer(name: str):
     if name not in QUANTIZATIONS:
         raise UsageError(f"--quantization {name}: use adm (ADM's floor) or edm (EDM's rounding)")
     return quantize if name == "adm" else quantize_edm
+
+
+def sample_cast(name: str):
+    """What the sampled images go through before ``quantizer(name)``: EDM quantizes its float64
+    samples as they are; ADM's path keeps the float32 images it always had."""
+    return (lambda images: images) if name == "edm" else (lambda images: images.float())
+
+
+def decide_seed_mode(args, explicit: set) -> list[int] | None:
+    """Decide the EDM-seed flags once: the seed list (or None), --quantization and --output_format."""
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    if seeds is not None:
+        typed = sorted({"seed", "num_samples", "network_batch_size"} & explicit)
+        if typed:
+            raise UsageError(f"--seeds decides the images; drop --{typed[0]} (EDM's mode has no such flag)")
+    elif args.output_format == "png" or args.subdirs:
+        raise UsageError("EDM's PNG folder (--output_format png, --subdirs) needs --seeds; "
+                         "scripts/npz_to_png.py writes the images of an NPZ as PNG files")
+    if args.quantization is None:
+        args.quantization = "edm" if seeds is not None else "adm"
+    if args.output_format is None:
+        args.output_format = "png" if seeds is not None else "npz"
+    if args.subdirs and args.output_format != "png":
+        raise UsageError("--subdirs arranges PNG files; it does nothing with --output_format npz")
+    return seeds
 
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -242,3 +275,24 @@ def write_png_folder(outdir, seeds: Sequence[int], batches: list[list[int]], sam
     finally:
         if rank == 0:
             release_lock(lock)
+
+
+def write_seed_images(args, seeds: Sequence[int], sample_seed_list, settings: dict, sidecar: dict, image_shape,
+                      class_cond: bool, quantize_fn) -> None:
+    """EDM's --seeds mode: ``sample_seed_list(seeds)`` in EDM's batches, into the PNG folder or ADM's NPZ."""
+    from guided_diffusion import dist_util, logger
+
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    if args.output_format == "png":
+        batches = seed_batches(len(seeds), args.batch_size, world)
+        path = write_png_folder(args.output_dir, seeds, batches, sample_seed_list, quantize_fn, args.subdirs,
+                                settings, sidecar, rank=rank, world_size=world, progress=args.progress)
+        if path is not None:
+            logger.log(f"saved {len(seeds)} PNG files in {args.output_dir} ({path.name} holds the settings)")
+        return
+    run = SeedListRun(args.output_dir, settings, seeds, args.batch_size, image_shape, class_cond,
+                      rank=rank, world_size=world, keep_shards=args.keep_shards)
+    path = run_sampling(run, lambda indices: sample_seed_list([seeds[i] for i in indices]), sidecar,
+                        progress=args.progress, quantize=quantize_fn)
+    if path is not None:
+        logger.log(f"saved {path}")

@@ -27,6 +27,19 @@ from guided_diffusion.run.collective import together
 from guided_diffusion.run.non_finite import NonFiniteError, images_text, index_ranges
 
 
+def output_folder(output_dir: str, default: str) -> Path:
+    """--output_dir, else $OPENAI_LOGDIR (ADM's), else ``default``: created, or one clear error."""
+    folder = Path(output_dir or os.environ.get("OPENAI_LOGDIR") or default)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"output folder {folder} is a file, not a folder; choose another --output_dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to output folder {folder} ({exc.strerror}); choose a writable --output_dir"
+        ) from None
+    return folder
+
 
 def quantize(images: torch.Tensor) -> np.ndarray:
     """Model output in [-1, 1], NCHW -> uint8 NHWC, exactly as ADM's sample scripts round it."""

@@ -3,7 +3,8 @@
 A cell is (config, number of sampling steps, variant): ``base`` (lambda = 1), ``es`` (the paper's
 uniform lambda) or ``es-linear`` (the paper's linear schedule). The commands download the
 checkpoint(s) and reference batch when missing, sample 50,000 images over N GPUs with mpirun, and
-score them with the evaluator.
+score them with the evaluator. With ``seed_sets`` above 1 they sample one set of images per seed
+(``--seed 0``, ``1``, ...; each in its own ``seedI`` folder) and score every set in one evaluator call.
 
 Each command is one line of shell with every path quoted (a space or a ``'`` in a folder name
 works). A download that fails (offline, no curl, HTTP error) ends in one ``error:`` line naming
@@ -18,7 +19,8 @@ import shlex
 from pathlib import Path
 
 from adm_common.errors import UsageError
-from guided_diffusion.script_util import load_config, sampling_eps_scale
+from guided_diffusion.run.configs import load_config
+from guided_diffusion.run.eps_choice import sampling_eps_scale
 
 VARIANTS = ("base", "es", "es-linear")
 
@@ -49,11 +51,13 @@ def _download(url: str | None, dest: Path, what: str) -> str:
 
 
 def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1, work_dir: str = "runs",
-                  num_samples: int = 50000, batch_size: int | None = None) -> list[str]:
+                  num_samples: int = 50000, batch_size: int | None = None, seed_sets: int = 1) -> list[str]:
     if variant not in VARIANTS:
         raise UsageError(f"variant {variant!r} is not one of {', '.join(VARIANTS)}")
     if steps < 1 or num_gpus < 1:
         raise UsageError("steps and the number of GPUs must be at least 1")
+    if seed_sets < 1:
+        raise UsageError(f"--seed_sets must be at least 1, got {seed_sets}")
     config = load_config(config_name)
     if config.get("kind", "diffusion") != "diffusion":
         raise UsageError(f"{config_name} is a {config.get('kind')} config; a table cell needs a diffusion model")
@@ -73,29 +77,35 @@ def cell_commands(config_name: str, steps: int, variant: str, num_gpus: int = 1,
     out_dir = work / name / f"{steps}steps-{variant}"
     flags = [
         "--config", name, "--model_path", str(model_file), "--timestep_respacing", str(steps),
-        "--num_samples", str(num_samples), "--eps_scale", str(eps), "--output_dir", str(out_dir),
+        "--num_samples", str(num_samples), "--eps_scale", str(eps),
     ]
+    more_flags = []  # after --output_dir
     if batch_size:
-        flags += ["--batch_size", str(batch_size)]
+        more_flags += ["--batch_size", str(batch_size)]
     script = "scripts/image_sample.py"
     if config.get("classifier") and config.get("classifier_scale"):
         classifier = load_config(config["classifier"])
         classifier_file = models / (classifier.get("checkpoint_file") or f"{classifier['name']}.pt")
         commands.append(_download(classifier.get("checkpoint_url"), classifier_file, "classifier checkpoint"))
         script = "scripts/classifier_sample.py"
-        flags += ["--classifier_path", str(classifier_file), "--classifier_scale", str(config["classifier_scale"])]
-        flags += [f"--{k}={v}" for k, v in classifier["flags"].items() if k.startswith("classifier_")]
+        more_flags += ["--classifier_path", str(classifier_file), "--classifier_scale", str(config["classifier_scale"])]
+        more_flags += [f"--{k}={v}" for k, v in classifier["flags"].items() if k.startswith("classifier_")]
     launcher = f"mpirun -n {num_gpus} " if num_gpus > 1 else ""
-    commands.append(launcher + "python " + script + " " + " ".join(shlex.quote(f) for f in flags))
+    # one seed set: the cell's folder, as before; several: a folder per seed, each its own --seed
+    set_dirs = [out_dir] if seed_sets == 1 else [out_dir / f"seed{seed}" for seed in range(seed_sets)]
+    for seed, set_dir in enumerate(set_dirs):
+        set_flags = flags + ["--output_dir", str(set_dir)] + more_flags + (["--seed", str(seed)] if seed_sets > 1 else [])
+        commands.append(launcher + "python " + script + " " + " ".join(shlex.quote(f) for f in set_flags))
 
     size = config["flags"].get("image_size", config["flags"].get("large_size"))
-    samples = out_dir / f"samples_{num_samples}x{size}x{size}x3.npz"
+    samples = [set_dir / f"samples_{num_samples}x{size}x{size}x3.npz" for set_dir in set_dirs]
     ref_url = config.get("reference_batch_url")
     ref_file = refs / (Path(ref_url).name if ref_url else f"{name}_reference.npz")
     commands.append(_download(ref_url, ref_file, "reference batch (build one with scripts/make_reference_batch.py)"))
     commands.append(
-        f"python evaluations/evaluator.py {shlex.quote(str(ref_file))} {shlex.quote(str(samples))} "
-        f"--json {shlex.quote(str(out_dir / 'metrics.json'))}"
+        f"python evaluations/evaluator.py {shlex.quote(str(ref_file))} "
+        + "".join(f"{shlex.quote(str(path))} " for path in samples)
+        + f"--json {shlex.quote(str(out_dir / 'metrics.json'))}"
     )
     return commands
 
@@ -112,7 +122,9 @@ def main(argv=None) -> None:
     parser.add_argument("--work_dir", default="runs")
     parser.add_argument("--num_samples", type=int, default=50000)
     parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--seed_sets", type=int, default=1,
+                        help="sets of images, seeds 0..N-1, scored together by one evaluator call")
     args = parser.parse_args(argv)
     for command in cell_commands(args.config, args.steps, args.variant, args.num_gpus, args.work_dir,
-                                 args.num_samples, args.batch_size):
+                                 args.num_samples, args.batch_size, args.seed_sets):
         print(command)

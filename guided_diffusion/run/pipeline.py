@@ -1,25 +1,33 @@
-"""What ADM's sampling scripts share: set-up from flags, the per-image batch sampler, the sidecar.
+"""One sampling pipeline for the sampling scripts: flags -> networks -> sampler -> sharded output.
 
-The scripts in scripts/ only declare their flags and call these functions.
+A script declares its flags, builds its networks with ``load_network`` (or ``load_karras_denoiser``),
+decides lambda once (``decide_eps_scale``), makes a per-image ``sample_batch`` (``batch_sampler`` for
+ADM's loops, ``karras_batch_sampler`` for EDM's) and hands a ``SamplingJob`` to ``run_sampling_job``,
+which writes the sharded, resumable NPZ and its sidecar. ``SamplingJob.record`` is the one place
+the run's settings and sidecar are made. A flag that changes how the sampler steps is read from
+``args`` where the sampler is called (``batch_sampler``) and is recorded with every other flag.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion import dist_util, logger
-from guided_diffusion.run.checkpoints import SHAPE_FLAGS, infer_unet_flags, load_model_weights, load_state_dict
-from adm_common.files import lock_output_folder
-from guided_diffusion.run.batching import DEFAULT_NETWORK_BATCH, AlignedNetwork
-from guided_diffusion.image_noise import ImageNoise, image_labels
-from guided_diffusion.run.output import SampleRun, quantize, run_sampling
-from guided_diffusion.run.collective import together
 from adm_common.errors import UsageError
-from guided_diffusion.script_util import args_to_dict, eps_scale_flag, output_folder, sampling_eps_scale
+from adm_common.files import lock_output_folder, sha256_file
+from guided_diffusion import dist_util, logger
+from guided_diffusion.image_noise import STREAM_EXTRA, ImageNoise, image_labels
+from guided_diffusion.run.batching import DEFAULT_NETWORK_BATCH, AlignedNetwork
+from guided_diffusion.run.checkpoints import SHAPE_FLAGS, infer_unet_flags, load_model_weights, load_state_dict
+from guided_diffusion.run.collective import together
+from guided_diffusion.run.eps_choice import EpsChoice, choose_eps_scale
+from guided_diffusion.run.output import SampleRun, output_folder, quantize, run_sampling
 from guided_diffusion.run.speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype
+from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 
 
 def start(args) -> None:
@@ -38,6 +46,14 @@ def start(args) -> None:
     folder = args.output_dir
     together((lambda: lock_output_folder(folder)) if dist_util.get_rank() == 0 else None)
     logger.configure(dir=args.output_dir)
+
+
+def own_output_folder(output_dir: str, default: str) -> Path:
+    """A single-process command's output folder (``output_folder``), held by this process until it ends:
+    a second run on the folder is refused in one line."""
+    folder = output_folder(output_dir, default)
+    lock_output_folder(folder)
+    return folder
 
 
 # Flags that are sizes or counts: a value below 1 is a typo, refused before anything is built.
@@ -75,8 +91,23 @@ def check_noise_schedule(args) -> None:
         )
 
 
+@dataclass(frozen=True)
+class InputFile:
+    """A file a run reads: the settings keep its content's sha256 (``NAME_sha256``), the sidecar
+    also the path under the flag that gave it."""
+
+    flag: str
+    path: str
+    sha256: str
+    name: str
+
+    @classmethod
+    def of(cls, flag: str, path: str, name: str, sha256: str | None = None) -> "InputFile":
+        return cls(flag, path, sha256 or sha256_file(path), name)
+
+
 def load_network(factory, args, keys, path: str, what: str, image_size: int):
-    """Build a network with ``factory(**flags)``, load ``path`` into it; return (net, extra, sha256).
+    """Build a network with ``factory(**flags)``, load ``path`` into it; return (net, extra, InputFile).
 
     ``factory`` may return a (network, diffusion) pair; ``extra`` is then the diffusion.
     """
@@ -96,7 +127,41 @@ def load_network(factory, args, keys, path: str, what: str, image_size: int):
         else:
             logger.log(f"{what}: use_fp16 ignored on CPU (float16 convolutions there are slow); running float32")
     net.eval()
-    return net, extra, sha
+    return net, extra, InputFile(f"{what}_path", path, sha, what)
+
+
+def load_adm_model(args):
+    """ADM's model and diffusion from the model flags and --model_path: (model, diffusion, InputFile)."""
+    return load_network(create_model_and_diffusion, args, model_and_diffusion_defaults().keys(), args.model_path,
+                        "model", args.image_size)
+
+
+def load_karras_denoiser(args):
+    """EDM's denoiser from --network (an EDM pickle or converted file) or --model_path (ADM, as a denoiser).
+
+    Returns (denoiser, image shape C x H x W, number of classes or 0, InputFile, sidecar facts).
+    """
+    from guided_diffusion.edm.pickles import load_edm_network
+    from guided_diffusion.edm.samplers import ADMDenoiser, BoundDenoiser
+
+    if bool(args.network) == bool(args.model_path):
+        raise UsageError("give exactly one of --network (an EDM .pkl or converted .safetensors) and --model_path (ADM)")
+    if args.network:
+        net, config = load_edm_network(args.network, args.network_key)
+        net.to(dist_util.dev()).eval()
+        shape = (net.img_channels, net.img_resolution, net.img_resolution)
+        facts = dict(network_config=config, network_sigma_min=float(net.sigma_min),
+                     network_sigma_max=float(net.sigma_max))
+        fast = sampling_network(net, args)
+        denoiser = BoundDenoiser(lambda x, sigma, labels: fast(x, sigma, class_labels=labels), net)
+        return denoiser, shape, net.label_dim, InputFile.of("network", args.network, "network"), facts
+    if args.timestep_respacing:
+        logger.log(f"ignoring --timestep_respacing {args.timestep_respacing}: the noise levels come from --num_steps")
+        args.timestep_respacing = ""
+    model, diffusion, weights = load_adm_model(args)
+    num_classes = args.num_classes if args.class_cond else 0
+    denoiser = ADMDenoiser.from_diffusion(sampling_network(model, args), diffusion)
+    return denoiser, (3, args.image_size, args.image_size), num_classes, weights, {}
 
 
 def check_speed_flags(args) -> None:
@@ -147,11 +212,11 @@ def adopt_checkpoint_flags(args, path, image_size: int) -> None:
     logger.log("flags from the checkpoint's shapes: " + (", ".join(changed) or "all already agree"))
 
 
-def eps_schedule(args, config, num_steps: int, table: str | None = None):
-    """The run's lambda schedule (``script_util.sampling_eps_scale``), logged."""
-    schedule, source = sampling_eps_scale(eps_scale_flag(args), config, num_steps, table)
-    logger.log(f"epsilon scaling: {schedule} [{source}]")
-    return schedule, source
+def decide_eps_scale(args, config, num_steps: int, table: str | None = None) -> EpsChoice:
+    """The run's lambda, decided once (``eps_choice.choose_eps_scale``) and logged."""
+    eps = choose_eps_scale(args, config, num_steps, table)
+    logger.log(f"epsilon scaling: {eps.schedule} [{eps.source}]")
+    return eps
 
 
 def classifier_cond_fn(classifier, scale: float):
@@ -206,20 +271,35 @@ def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cla
     return sample_batch
 
 
-def sample_to_npz(args, settings: dict, sample_batch, image_shape, class_cond: bool, sidecar: dict,
-                  quantize=quantize):
-    """Run the sharded, resumable loop and log where the NPZ went (``quantize``: float images to uint8)."""
-    run = SampleRun(
-        args.output_dir, settings, args.num_samples, args.batch_size, image_shape, class_cond,
-        rank=dist_util.get_rank(), world_size=dist_util.get_world_size(), keep_shards=args.keep_shards,
-    )
-    if run.is_complete():
-        logger.log(f"{run.final_path} is already complete; nothing to do")
-    path = run_sampling(run, sample_batch, sidecar, progress=args.progress, quantize=quantize)
-    if path is not None:
-        logger.log(f"saved {path}")
-        logger.log("sampling complete")
-    return path
+def karras_batch_sampler(denoiser, args, shape, num_classes: int, sampler_kwargs: dict, cast=None):
+    """``sample_batch(indices)`` for EDM's samplers: per-image noise, churn noise and labels.
+
+    Labels are drawn per image when the network has ``num_classes`` (``--class`` sets one for all).
+    The denoiser runs in index-aligned chunks of ``args.network_batch_size`` images, as in
+    ``batch_sampler``; ``cast`` converts the sampled images (EDM's float64) before they are quantized.
+    """
+    from guided_diffusion.edm.samplers import BoundDenoiser, karras_sample
+
+    device = dist_util.dev()
+    class_idx = getattr(args, "class_idx", None)
+
+    def sample_batch(indices):
+        labels = image_labels(args.seed, indices, num_classes, device=device) if num_classes else None
+        if labels is not None and class_idx is not None:
+            labels = labels.new_full(labels.shape, class_idx)
+        aligned = AlignedNetwork(lambda x, sigma, labels=None: denoiser(x, sigma, labels), indices,
+                                 args.network_batch_size)
+        images = karras_sample(
+            BoundDenoiser(lambda x, sigma, labels: aligned(x, sigma, labels=labels), denoiser),
+            (len(indices), *shape),
+            class_labels=labels, device=device,
+            generator=ImageNoise(args.seed, indices),
+            churn_generator=ImageNoise(args.seed, indices, STREAM_EXTRA),
+            **sampler_kwargs,
+        )
+        return (images if cast is None else cast(images)), labels
+
+    return sample_batch
 
 
 # Flags that only say where a file is; the run's settings carry the content's sha256 instead.
@@ -231,3 +311,51 @@ def run_settings(args, **extra) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in LOCATION_FLAGS}
     settings.update(extra)
     return settings
+
+
+@dataclass
+class SamplingJob:
+    """What a sampling script decided: how a batch of images is made, and what the sidecar says of it.
+
+    ``sample_batch(indices)`` returns (images in [-1, 1], NCHW; labels or None); ``image_shape`` is
+    the output's H, W, C. ``inputs`` are the files read (their sha256 join the settings),
+    ``identity`` further settings that decide pixels (a diffusers scheduler's config), ``facts``
+    further sidecar entries that do not.
+    """
+
+    sample_batch: Callable | None
+    image_shape: tuple
+    class_cond: bool
+    eps: EpsChoice
+    inputs: Sequence[InputFile] = ()
+    identity: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+    quantize: Callable = quantize
+
+    def record(self, args, config) -> tuple[dict, dict]:
+        """(settings, sidecar): every flag but the file locations, the files' sha256, lambda; the
+        sidecar adds the locations, the config's path, where lambda came from and ``facts``."""
+        settings = run_settings(args, **{f"{f.name}_sha256": f.sha256 for f in self.inputs}, **self.identity,
+                                **self.eps.settings())
+        sidecar = dict(settings)
+        sidecar.update({f.flag: f.path for f in self.inputs})
+        sidecar.update(self.facts)
+        sidecar.update(self.eps.record())
+        sidecar["config"] = config["path"] if config else None
+        return settings, sidecar
+
+
+def run_sampling_job(args, config, job: SamplingJob):
+    """Make every missing image of the job into --output_dir's shards, then ADM's NPZ and its sidecar."""
+    settings, sidecar = job.record(args, config)
+    run = SampleRun(
+        args.output_dir, settings, args.num_samples, args.batch_size, job.image_shape, job.class_cond,
+        rank=dist_util.get_rank(), world_size=dist_util.get_world_size(), keep_shards=args.keep_shards,
+    )
+    if run.is_complete():
+        logger.log(f"{run.final_path} is already complete; nothing to do")
+    path = run_sampling(run, job.sample_batch, sidecar, progress=args.progress, quantize=job.quantize)
+    if path is not None:
+        logger.log(f"saved {path}")
+        logger.log("sampling complete")
+    return path
