@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from guided_diffusion import script_util as su
 from guided_diffusion.image_noise import ImageNoise, image_labels
+from guided_diffusion.run.configs import load_config
 from guided_diffusion.run.speed import attention_backend, optimize_for_sampling
 from benchmarks.variants import backend_flags, build_variant, compare_outputs
 
@@ -48,7 +49,7 @@ class Workload:
         defaults = su.model_and_diffusion_defaults()
         if name == "tiny":
             return cls(name, {**defaults, **TINY_FLAGS}, "1.01")
-        config = su.load_config(name)
+        config = load_config(name)
         flags = {**defaults, **{k: v for k, v in config["flags"].items() if k in defaults}}
         published = ((config.get("eps_scale") or {}).get("uniform") or {}).values()
         return cls(name, flags, next(iter(published), None))

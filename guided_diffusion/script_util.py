@@ -559,6 +559,11 @@ def sampling_defaults():
         autocast_dtype="none",  # bf16 or fp16: the network in reduced precision (not ADM's use_fp16)
         compile=False,
         cuda_graphs=False,
+        # Time-Shift sampling (time_shift.py), TS-DPM-ADM's flags and defaults; off unless --do_time_shift
+        do_time_shift=False,
+        window=2,
+        cutoff=300,
+        time_shift_rule="paper",  # or tsdpm_adm: that code's quirks (DDIM only)
     )
 
 

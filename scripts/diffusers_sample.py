@@ -43,6 +43,7 @@ def main():
         raise UsageError(str(exc)) from None
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    sampling.refuse_time_shift(args, "diffusers schedulers")
     eps = choose_eps_scale(args, config, args.steps)
     pipe = diffusers_es.load_pipeline(args.model)
     scheduler = diffusers_es.use_scheduler(pipe, args.scheduler)

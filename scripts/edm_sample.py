@@ -87,6 +87,7 @@ def main():
     seeds = decide_seed_mode(args, explicit)
     if seeds is not None:
         args.num_samples = len(seeds)  # for the checks and the sidecar; the seeds decide
+    sampling.refuse_time_shift(args, "EDM's samplers")
     sampling.start(args)
     denoiser, shape, num_classes, weights, facts = sampling.load_karras_denoiser(args)
     if args.class_idx is not None and not 0 <= args.class_idx < num_classes:

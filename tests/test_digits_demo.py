@@ -12,7 +12,8 @@ import torch
 
 from guided_diffusion.digits.features import digit_features, load_digit_features
 from guided_diffusion.digits.data import digits_arrays
-from guided_diffusion.digits.demo import DigitsBench, _paired_gain, _verdict, load_shipped, run_demo
+from guided_diffusion.analysis.seed_stats import paired_gain, verdict
+from guided_diffusion.digits.demo import DigitsBench, load_shipped, run_demo
 from guided_diffusion.digits.training import shipped_sizes
 from guided_diffusion.eps_scaling import EpsScale
 from adm_common.errors import UsageError
@@ -56,10 +57,10 @@ def test_classifier_is_noise_aware():
 
 
 def test_verdict_needs_a_gain_larger_than_the_spread():
-    assert _verdict([10.0, 11.0, 12.0], [5.0, 6.0, 7.0]) == "ES better"
-    assert _verdict([10.0, 11.0, 12.0], [10.5, 9.0, 12.5]) == "within noise"
-    assert _verdict([0.90, 0.91], [0.95, 0.96], lower_is_better=False) == "ES better"
-    assert _paired_gain([10.0, 12.0], [9.0, 10.0]) == "1.500 ± 0.707"
+    assert verdict([10.0, 11.0, 12.0], [5.0, 6.0, 7.0]) == "ES better"
+    assert verdict([10.0, 11.0, 12.0], [10.5, 9.0, 12.5]) == "within noise"
+    assert verdict([0.90, 0.91], [0.95, 0.96], lower_is_better=False) == "ES better"
+    assert paired_gain([10.0, 12.0], [9.0, 10.0]) == "1.500 ± 0.707"
 
 
 def test_demo_runs_end_to_end_on_a_reduced_setting(tmp_path):

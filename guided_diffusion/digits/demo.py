@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from guided_diffusion.analysis import exposure_bias as eb
+from guided_diffusion.analysis.seed_stats import cell, paired_gain, verdict
 from guided_diffusion.dist_util import dev
 from guided_diffusion.run.checkpoints import load_model_weights
 from guided_diffusion.digits.features import digit_features, load_digit_features
@@ -106,31 +107,6 @@ class DigitsBench:
         with torch.no_grad():
             predicted = self.features_net(to_network_input(images)).argmax(1).numpy()
         return float((predicted == labels).mean())
-
-
-def _mean_std(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
-def _cell(values) -> str:
-    mean, std = _mean_std(values)
-    return f"{mean:.3f} ± {std:.3f}"
-
-
-def _paired_gain(base, es, lower_is_better=True) -> str:
-    """Per-seed improvement of ES over the baseline (same noise), mean ± std over seeds."""
-    gains = np.asarray(base, dtype=np.float64) - np.asarray(es, dtype=np.float64)
-    return _cell(gains if lower_is_better else -gains)
-
-
-def _verdict(base, es, lower_is_better=True) -> str:
-    """A gain is claimed only when it exceeds the seed-to-seed spread of both arms."""
-    (mb, sb), (me, se) = _mean_std(base), _mean_std(es)
-    gain = (mb - me) if lower_is_better else (me - mb)
-    if abs(gain) <= max(sb, se):
-        return "within noise"
-    return "ES better" if gain > 0 else "ES worse"
 
 
 def write_grid(baseline: np.ndarray, scaled: np.ndarray, path: Path, title: str, es_label: str,
@@ -222,8 +198,8 @@ def _run_demo(out, num_samples, batch_size, seeds, steps, search_steps, guidance
             base = [bench.fd(bench.sample(model_name, n_steps, EpsScale(), s)[0]) for s in seeds]
             es = [bench.fd(bench.sample(model_name, n_steps, chosen, s)[0]) for s in seeds]
             rows.append({"model": model_name, "steps": n_steps, "metric": "digits FD", "baseline": base, "es": es,
-                         "verdict": _verdict(base, es)})
-            log(f"{model_name} {n_steps} steps: baseline {_cell(base)}, ES {_cell(es)} ({rows[-1]['verdict']})")
+                         "verdict": verdict(base, es)})
+            log(f"{model_name} {n_steps} steps: baseline {cell(base)}, ES {cell(es)} ({rows[-1]['verdict']})")
 
     guided = {}
     for label, schedule in (("baseline", EpsScale()), ("es", chosen)):
@@ -239,11 +215,11 @@ def _run_demo(out, num_samples, batch_size, seeds, steps, search_steps, guidance
         unguided_acc.append(bench.accuracy(images, labels))
     rows.append({"model": f"digits_uncond + classifier (scale {guidance_scale})", "steps": search_steps,
                  "metric": "digits FD", "baseline": guided["baseline"]["fd"], "es": guided["es"]["fd"],
-                 "verdict": _verdict(guided["baseline"]["fd"], guided["es"]["fd"])})
+                 "verdict": verdict(guided["baseline"]["fd"], guided["es"]["fd"])})
     rows.append({"model": f"digits_uncond + classifier (scale {guidance_scale})", "steps": search_steps,
                  "metric": "label accuracy", "baseline": guided["baseline"]["accuracy"], "es": guided["es"]["accuracy"],
-                 "verdict": _verdict(guided["baseline"]["accuracy"], guided["es"]["accuracy"], lower_is_better=False)})
-    log(f"guided: accuracy baseline {_cell(guided['baseline']['accuracy'])}, ES {_cell(guided['es']['accuracy'])}")
+                 "verdict": verdict(guided["baseline"]["accuracy"], guided["es"]["accuracy"], lower_is_better=False)})
+    log(f"guided: accuracy baseline {cell(guided['baseline']['accuracy'])}, ES {cell(guided['es']['accuracy'])}")
 
     first = min(steps)
     write_grid(bench.sample("digits_uncond", first, EpsScale(), seeds[0])[0][:32],
@@ -286,15 +262,15 @@ def results_markdown(result: dict, search_steps: int) -> str:
     ]
     for row in result["rows"]:
         lower = row["metric"] != "label accuracy"
-        lines.append(f"| {row['model']} | {row['steps']} | {row['metric']} | {_cell(row['baseline'])} | "
-                     f"{_cell(row['es'])} | {_paired_gain(row['baseline'], row['es'], lower)} | {row['verdict']} |")
+        lines.append(f"| {row['model']} | {row['steps']} | {row['metric']} | {cell(row['baseline'])} | "
+                     f"{cell(row['es'])} | {paired_gain(row['baseline'], row['es'], lower)} | {row['verdict']} |")
     cal = result["calibration"]
     lines += [
         "",
         f"Norm-matching calibration (no metric network) gave a uniform lambda of {cal['uniform']} "
         f"(linear fit {cal['linear']}); its digits FD at {search_steps} steps on seed {SEARCH_SEED} is "
         f"{cal['fd']:.3f}, against {result['search']['best']['mean']:.3f} for the searched lambda.",
-        f"The class-conditional model's samples are read as their label {_cell(result['unguided_cond_accuracy'])} "
+        f"The class-conditional model's samples are read as their label {cell(result['unguided_cond_accuracy'])} "
         f"of the time at {search_steps} steps (baseline).",
     ]
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import json
 import os
 import re
 import zipfile
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
 from typing import Sequence
 
@@ -257,7 +257,9 @@ class SampleRun:
         return batches[self.rank::self.world_size]
 
     # -- writing --------------------------------------------------------------------------------
-    def write_shard(self, indices, images: np.ndarray, labels=None) -> Path:
+    def write_shard(self, indices, images: np.ndarray, labels=None, time_shift=None) -> Path:
+        """One batch as an atomic shard; ``time_shift``: each image's chosen timestep per sampling
+        step ([n, steps]) of a Time-Shift run, summarised in the sidecar by ``finish``."""
         indices = [int(i) for i in indices]
         if indices != list(range(indices[0], indices[0] + len(indices))):
             raise ValueError("a shard must hold consecutive image indices")
@@ -272,6 +274,8 @@ class SampleRun:
             if labels is None:
                 raise ValueError("a class-conditional run needs labels for every shard")
             arrays["labels"] = np.asarray(labels, dtype=np.int64).reshape(len(indices))
+        if time_shift is not None:
+            arrays["time_shift"] = np.asarray(time_shift, dtype=np.int64).reshape(len(indices), -1)
         path = self.shard_dir / f"shard-{indices[0]:08d}-{indices[-1]:08d}.npz"
         with NpzWriter(path) as writer:
             for name, array in arrays.items():
@@ -304,11 +308,37 @@ class SampleRun:
         record = dict(sidecar)
         record.update(num_samples=n, image_shape=list(self.image_shape), npz=self.final_path.name,
                       npz_sha256=sha256_file(self.final_path), run_identity=_jsonable(self.identity))
+        shifted = time_shift_summary(_shard_members(shards, "time_shift"), n)
+        if shifted is not None:
+            record["time_shift_timesteps"] = shifted
         atomic_write_text(self.sidecar_path, json.dumps(_jsonable(record), indent=1, sort_keys=True))
         if not self.keep_shards:
             for _, _, p in shards:
                 p.unlink(missing_ok=True)
         return self.final_path
+
+
+def _shard_members(shards, member: str):
+    """``member`` of each shard that has it (a Time-Shift run's shards all do, others none)."""
+    for _, _, path in shards:
+        with zipfile.ZipFile(path) as archive:
+            present = f"{member}.npy" in archive.namelist()
+        if present:
+            yield _read_shard(path, member)
+
+
+def time_shift_summary(chunks, count: int) -> list[dict] | None:
+    """Per sampling step (first step first), how many of the first ``count`` images moved to each
+    timestep: ``[{"step": k, "timesteps": {"t": images}}, ...]``; None without any chunk."""
+    counters = None
+    for chunk in _first_rows(chunks, count):
+        if counters is None:
+            counters = [Counter() for _ in range(chunk.shape[1])]
+        for k, counter in enumerate(counters):
+            counter.update(int(t) for t in chunk[:, k])
+    if counters is None:
+        return None
+    return [{"step": k, "timesteps": {str(t): c[t] for t in sorted(c)}} for k, c in enumerate(counters)]
 
 
 def _read_shard(path: Path, member: str) -> np.ndarray:
@@ -388,8 +418,9 @@ def run_sampling(run: SampleRun, sample_batch, sidecar: dict, progress: bool = T
                  quantize=quantize) -> Path | None:
     """Sample every missing image of ``run`` on this rank, then assemble the output on rank 0.
 
-    ``sample_batch(indices)`` returns (images in [-1, 1] as an NCHW tensor, labels or None) for the
-    consecutive image indices given; ``quantize`` makes them uint8 NHWC (default ``quantize``: ADM's floor).
+    ``sample_batch(indices)`` returns (images in [-1, 1] as an NCHW tensor, labels or None), and a
+    Time-Shift sampler each image's chosen timesteps ([n, steps]) third, for the consecutive image
+    indices given; ``quantize`` makes them uint8 NHWC (default ``quantize``: ADM's floor).
     Returns the final NPZ path on rank 0 and None elsewhere.
 
     Rank 0 holds the output folder's lock throughout (``SampleRun.lock``): a second run on the
@@ -428,8 +459,9 @@ def run_sampling(run: SampleRun, sample_batch, sidecar: dict, progress: bool = T
 
 
 def _sample_and_write(run: SampleRun, sample_batch, indices, quantize=quantize) -> None:
-    images, labels = sample_batch(indices)
-    run.write_shard(indices, finite_pixels(images, indices, quantize), None if labels is None else labels.cpu().numpy())
+    images, labels, *time_shift = sample_batch(indices)  # a Time-Shift sampler adds its timesteps
+    run.write_shard(indices, finite_pixels(images, indices, quantize), None if labels is None else labels.cpu().numpy(),
+                    time_shift[0] if time_shift else None)
 
 
 def finite_pixels(images: torch.Tensor, indices: Sequence[int], quantize=quantize) -> np.ndarray:

@@ -28,6 +28,7 @@ from guided_diffusion.run.eps_choice import EpsChoice, choose_eps_scale
 from guided_diffusion.run.output import SampleRun, output_folder, quantize, run_sampling
 from guided_diffusion.run.speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.time_shift import time_shift_from_flags
 
 
 def start(args) -> None:
@@ -219,6 +220,24 @@ def decide_eps_scale(args, config, num_steps: int, table: str | None = None) -> 
     return eps
 
 
+def decide_time_shift(args, diffusion):
+    """The run's Time-Shift setting from --do_time_shift, --window, --cutoff and --time_shift_rule
+    (TS-DPM-ADM's flags), checked against the respaced chain before anything is sampled; None when off."""
+    shift = time_shift_from_flags(args.do_time_shift, args.window, args.cutoff, args.time_shift_rule)
+    if shift is not None:
+        original_steps = len(getattr(diffusion, "original_alphas_cumprod", diffusion.alphas_cumprod))
+        shift.validate(original_steps, diffusion.num_timesteps, bool(args.use_ddim))
+        logger.log(f"time shift: {shift}")
+    return shift
+
+
+def refuse_time_shift(args, sampler: str) -> None:
+    """Samplers that have no Time-Shift rule refuse --do_time_shift in one line."""
+    if getattr(args, "do_time_shift", False):
+        raise UsageError(f"--do_time_shift is defined for ADM's ancestral and DDIM loops only, not for {sampler}; "
+                         "drop --do_time_shift")
+
+
 def classifier_cond_fn(classifier, scale: float):
     """ADM's guidance gradient: scale * d/dx log p(y | x_t) from a noise-aware classifier."""
 
@@ -233,7 +252,7 @@ def classifier_cond_fn(classifier, scale: float):
 
 
 def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, classifier=None,
-                  classifier_scale=1.0, extra_kwargs=None, model_takes_labels=True):
+                  classifier_scale=1.0, extra_kwargs=None, model_takes_labels=True, time_shift=None):
     """``sample_batch(indices)`` for run_sampling: noise, per-step noise and labels per image.
 
     Labels are drawn per image when ``num_classes`` is given, or come from ``extra_kwargs``'s "y".
@@ -242,6 +261,8 @@ def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cla
     model runs behind the speed switches of ``args`` (``sampling_network``). The guidance
     classifier is differentiated, so it runs as it is. ``model_takes_labels=False`` keeps the labels
     from an unconditional model (they still reach the classifier), as ADM's classifier_sample does.
+    With a ``time_shift`` (``decide_time_shift``), ``sample_batch`` also returns each image's chosen
+    timestep per step ([n, steps], int64), which the output summarises in the sidecar.
     """
     device = dist_util.dev()
     loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
@@ -256,6 +277,7 @@ def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cla
         if classifier is not None:
             cond_fn = classifier_cond_fn(AlignedNetwork(classifier, indices, chunk), classifier_scale)
         aligned = AlignedNetwork(network, indices, chunk)
+        record = [] if time_shift is not None else None
         images = loop(
             aligned if model_takes_labels else (lambda x, t, y=None, **kwargs: aligned(x, t, **kwargs)),
             (len(indices), *shape),
@@ -265,8 +287,12 @@ def batch_sampler(model, diffusion, args, schedule, shape, num_classes=None, cla
             device=device,
             generator=ImageNoise(args.seed, indices),
             eps_scale=schedule,
+            time_shift=time_shift,
+            time_shift_record=record,
         )
-        return images, model_kwargs.get("y")
+        if record is None:
+            return images, model_kwargs.get("y")
+        return images, model_kwargs.get("y"), torch.stack(record, dim=1).cpu().numpy()
 
     return sample_batch
 
