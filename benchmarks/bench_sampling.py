@@ -1,5 +1,5 @@
 """Sampling speed of ADM's networks: forward and whole-sampling throughput, FLOPs, peak memory,
-and what each switch of guided_diffusion/speed.py buys, all in one run.
+and what each switch of guided_diffusion/run/speed.py buys, all in one run.
 
 Subcommands (``python benchmarks/bench_sampling.py SUBCOMMAND --help``):
   run          forward (and optionally sampling) throughput of configs at batch sizes, for a list

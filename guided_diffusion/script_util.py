@@ -552,7 +552,7 @@ def sampling_defaults():
         progress=True,
         infer_flags=False,  # take the shape-determined model flags from the checkpoint
         network_batch_size=DEFAULT_NETWORK_BATCH,  # images per network call; fixed so no pixel depends on --batch_size
-        # speed switches (guided_diffusion/speed.py; benchmarks/RESULTS.md says what each buys)
+        # speed switches (guided_diffusion/run/speed.py; benchmarks/RESULTS.md says what each buys)
         fused_attention=True,
         inference_mode=True,
         channels_last=False,

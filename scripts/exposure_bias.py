@@ -7,7 +7,7 @@ Example:
     python scripts/exposure_bias.py --config cifar10_uncond_admes --model_path cifar10_uncond.pt \
         --data_dir cifar_train --num_images 500 --timestep_respacing 20 --eps_scale 1.017
 Writes exposure_bias.csv (one row per run and step), exposure_bias.json (settings, summaries,
-every step) and exposure_bias.png to --output_dir; see guided_diffusion/exposure_bias.py for the
+every step) and exposure_bias.png to --output_dir; see guided_diffusion/analysis/exposure_bias.py for the
 columns.
 """
 

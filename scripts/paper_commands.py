@@ -2,7 +2,7 @@
 
 usage: python scripts/paper_commands.py CONFIG STEPS {base,es,es-linear} [--num_gpus N] [--work_dir DIR]
            [--num_samples N] [--batch_size N] [--seed_sets N]
-Each command is one line of shell, every path quoted; guided_diffusion/paper_cells.py writes them.
+Each command is one line of shell, every path quoted; guided_diffusion/run/paper_cells.py writes them.
 """
 
 from guided_diffusion.run.paper_cells import main

@@ -66,3 +66,41 @@ def run_script_in_process(monkeypatch, capsys, *flags):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "scripts" / "diffusers_sample.py"), run_name="__main__")
     return exit_info.value.code, capsys.readouterr().err
+
+
+class NoQuantization(torch.nn.Module):
+    """In place of a VQModel's codebook lookup, so that the decoded image is a smooth function of
+    the latents and a small change of them (lambda, a step) shows in the pixels."""
+
+    def forward(self, h):
+        return h, torch.zeros(h.shape[0]), None
+
+
+def make_pipe(kind, prediction=None):
+    """Tiny pipelines of a model predicting ``prediction`` (None: the schedulers' default, noise).
+    Their schedulers spell out timestep_spacing="leading" as a saved scheduler_config.json does, so
+    a scheduler built from the config inherits it (where Euler's init_noise_sigma before
+    set_timesteps is not its value after)."""
+    leading = dict(timestep_spacing="leading", **({"prediction_type": prediction} if prediction else {}))
+    if kind == "ddpm_learned":  # ADM-like: noise and a learned-range variance
+        scheduler = linear_scheduler(diffusers.DDPMScheduler, variance_type="learned_range", clip_sample=True,
+                                     **leading)
+        return quiet(diffusers.DDPMPipeline(unet=tiny_unet(out_channels=6), scheduler=scheduler))
+    if kind == "ddpm":
+        scheduler = linear_scheduler(diffusers.DDPMScheduler, variance_type="fixed_small", **leading)
+        return quiet(diffusers.DDPMPipeline(unet=tiny_unet(seed=2), scheduler=scheduler))
+    if kind == "ddim":
+        return quiet(diffusers.DDIMPipeline(unet=tiny_unet(seed=3),
+                                            scheduler=linear_scheduler(diffusers.DDIMScheduler, **leading)))
+    pipe = tiny_ldm()
+    pipe.vqvae.quantize = NoQuantization()
+    if kind == "ldm":
+        pipe.scheduler = linear_scheduler(diffusers.DDIMScheduler, **leading)
+    elif kind == "ldm_sde":  # a stochastic scheduler of its own
+        pipe.scheduler = linear_scheduler(diffusers.DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++",
+                                          **leading)
+    elif kind == "ldm_pndm":
+        pipe.scheduler = linear_scheduler(diffusers.PNDMScheduler, **leading)
+    else:
+        raise AssertionError(kind)
+    return pipe

@@ -121,6 +121,7 @@ ADM_DEVIATIONS = [
     ("diffusion flags", "cifar10_uncond_admes", dict(noise_schedule="linear")),
     ("diffusion flags", "cifar10_uncond_admes", dict(rescale_timesteps=True)),
     ("sampler", "cifar10_uncond_admes", dict(use_ddim=True)),
+    ("sampler", "cifar10_uncond_admes", dict(do_time_shift=True, window=80, cutoff=300)),
     ("steps", "cifar10_uncond_admes", dict(timestep_respacing="1000")),
     ("steps", "cifar10_uncond_admes", dict(timestep_respacing="ddim100")),
     ("lambda", "cifar10_uncond_admes", dict(eps_scale="1.01")),

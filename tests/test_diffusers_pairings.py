@@ -32,47 +32,10 @@ from guided_diffusion.bridges.diffusers_es import (  # noqa: E402
 )
 from adm_common.errors import UsageError  # noqa: E402
 from guided_diffusion.image_noise import image_generator  # noqa: E402
-from diffusers_models import ROOT, TRAIN_STEPS, linear_scheduler, quiet, tiny_ldm, tiny_unet  # noqa: E402
+from diffusers_models import ROOT, TRAIN_STEPS, linear_scheduler, make_pipe, quiet, tiny_ldm, tiny_unet  # noqa: E402
 
 SEED, STEPS, K, B = 11, 3, 0.01, 1.02
 SPEC = f"linear:k={K},b={B}"
-
-
-class NoQuantization(torch.nn.Module):
-    """In place of a VQModel's codebook lookup, so that the decoded image is a smooth function of
-    the latents and a small change of them (lambda, a step) shows in the pixels."""
-
-    def forward(self, h):
-        return h, torch.zeros(h.shape[0]), None
-
-
-def make_pipe(kind):
-    """Tiny pipelines. Their schedulers spell out timestep_spacing="leading" as a saved
-    scheduler_config.json does, so a scheduler built from the config inherits it (where Euler's
-    init_noise_sigma before set_timesteps is not its value after)."""
-    leading = dict(timestep_spacing="leading")
-    if kind == "ddpm_learned":  # ADM-like: noise and a learned-range variance
-        scheduler = linear_scheduler(diffusers.DDPMScheduler, variance_type="learned_range", clip_sample=True,
-                                     **leading)
-        return quiet(diffusers.DDPMPipeline(unet=tiny_unet(out_channels=6), scheduler=scheduler))
-    if kind == "ddpm":
-        scheduler = linear_scheduler(diffusers.DDPMScheduler, variance_type="fixed_small", **leading)
-        return quiet(diffusers.DDPMPipeline(unet=tiny_unet(seed=2), scheduler=scheduler))
-    if kind == "ddim":
-        return quiet(diffusers.DDIMPipeline(unet=tiny_unet(seed=3),
-                                            scheduler=linear_scheduler(diffusers.DDIMScheduler, **leading)))
-    pipe = tiny_ldm()
-    pipe.vqvae.quantize = NoQuantization()
-    if kind == "ldm":
-        pipe.scheduler = linear_scheduler(diffusers.DDIMScheduler, **leading)
-    elif kind == "ldm_sde":  # a stochastic scheduler of its own
-        pipe.scheduler = linear_scheduler(diffusers.DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++",
-                                          **leading)
-    elif kind == "ldm_pndm":
-        pipe.scheduler = linear_scheduler(diffusers.PNDMScheduler, **leading)
-    else:
-        raise AssertionError(kind)
-    return pipe
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from guided_diffusion.bridges.diffusers_es import (  # noqa: E402
 )
 from adm_common.errors import UsageError  # noqa: E402
 from guided_diffusion.image_noise import image_generator  # noqa: E402
-from diffusers_models import ROOT, linear_alphas_cumprod, linear_scheduler, quiet, tiny_ldm, tiny_unet  # noqa: E402
+from diffusers_models import ROOT, linear_alphas_cumprod, linear_scheduler, make_pipe  # noqa: E402
 
 SEED, STEPS, K, B = 5, 3, 0.02, 1.03
 
@@ -272,33 +272,6 @@ def test_euler_churn_is_refused_for_a_v_model():
 
 
 # --- pipelines: every pairing sample_images accepts --------------------------------------------
-
-
-class NoQuantization(torch.nn.Module):
-    """In place of the VQModel's codebook, so that the decoded image is smooth in the latents."""
-
-    def forward(self, h):
-        return h, torch.zeros(h.shape[0]), None
-
-
-def make_pipe(kind, prediction):
-    leading = dict(timestep_spacing="leading", prediction_type=prediction)
-    if kind == "ddpm_learned":
-        scheduler = linear_scheduler(diffusers.DDPMScheduler, variance_type="learned_range", clip_sample=True,
-                                     **leading)
-        return quiet(diffusers.DDPMPipeline(unet=tiny_unet(out_channels=6), scheduler=scheduler))
-    if kind == "ddpm":
-        scheduler = linear_scheduler(diffusers.DDPMScheduler, variance_type="fixed_small", **leading)
-        return quiet(diffusers.DDPMPipeline(unet=tiny_unet(seed=2), scheduler=scheduler))
-    if kind == "ddim":
-        return quiet(diffusers.DDIMPipeline(unet=tiny_unet(seed=3),
-                                            scheduler=linear_scheduler(diffusers.DDIMScheduler, **leading)))
-    pipe = tiny_ldm()
-    pipe.vqvae.quantize = NoQuantization()
-    algorithm = dict(algorithm_type="sde-dpmsolver++") if kind == "ldm_sde" else {}
-    cls = diffusers.DPMSolverMultistepScheduler if kind == "ldm_sde" else diffusers.DDIMScheduler
-    pipe.scheduler = linear_scheduler(cls, **leading, **algorithm)
-    return pipe
 
 
 PAIRINGS = [

@@ -1,4 +1,4 @@
-"""Speed-up switches (guided_diffusion/speed.py) against ADM's and ADM-ES's reference vectors, and
+"""Speed-up switches (guided_diffusion/run/speed.py) against ADM's and ADM-ES's reference vectors, and
 the measuring code of benchmarks/ against independent counts.
 
 torch.compile is checked in the benchmark only: compiling even the tiny reference UNet took

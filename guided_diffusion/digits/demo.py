@@ -83,8 +83,10 @@ class DigitsBench:
         self.models = {name: load_shipped(name)[0].to(dev()) for name in ("digits_uncond", "digits_cond")}
         self.classifier = load_shipped("digits_classifier")[0].to(dev())
 
-    def sample(self, model_name: str, steps: int, schedule: EpsScale, seed: int, guidance: float = 0.0):
-        """uint8 samples [n, 8, 8, 3] and their labels (None when unconditional and unguided)."""
+    def sample(self, model_name: str, steps: int, schedule: EpsScale, seed: int, guidance: float = 0.0,
+               time_shift=None):
+        """uint8 samples [n, 8, 8, 3] and their labels (None when unconditional and unguided);
+        ``time_shift``: a time_shift.TimeShift (None: off)."""
         diffusion = respaced(model_name, steps)
         class_cond = model_name == "digits_cond"
         args = argparse.Namespace(seed=seed, use_ddim=False, clip_denoised=True, network_batch_size=self.network_batch)
@@ -92,10 +94,11 @@ class DigitsBench:
         sample_batch = batch_sampler(self.models[model_name], diffusion, args, schedule, (3, 8, 8),
                                      num_classes=10 if (class_cond or guidance) else None,
                                      classifier=self.classifier if guidance else None, classifier_scale=guidance,
-                                     model_takes_labels=not guidance)
+                                     model_takes_labels=not guidance, time_shift=time_shift)
         images, labels = [], []
         for start in range(0, self.num_samples, self.batch_size):
-            out, y = sample_batch(list(range(start, min(start + self.batch_size, self.num_samples))))
+            # with a time shift a third element follows: the timesteps chosen, not needed here
+            out, y = sample_batch(list(range(start, min(start + self.batch_size, self.num_samples))))[:2]
             images.append(quantize(out))
             labels.append(None if y is None else y.cpu().numpy())
         return np.concatenate(images), (None if labels[0] is None else np.concatenate(labels))

@@ -320,7 +320,11 @@ def _run_sampler(sidecar: dict):
         return f"edm {sidecar['solver']}" if "solver" in sidecar else _ABSENT
     if "use_ddim" not in sidecar:
         return _ABSENT
-    return "ddim" if sidecar["use_ddim"] else "ancestral"
+    sampler = "ddim" if sidecar["use_ddim"] else "ancestral"
+    if sidecar.get("do_time_shift"):  # a Time-Shift run is another sampler than any ES cell's
+        rule = sidecar.get("time_shift_rule", "paper")
+        sampler += f" + time shift (window {sidecar.get('window')}, cutoff {sidecar.get('cutoff')}, {rule})"
+    return sampler
 
 
 def _seed_identity(sidecar: dict) -> str:
