@@ -11,7 +11,6 @@ import inspect
 
 from guided_diffusion import gaussian_diffusion as gd
 from adm_common.errors import UsageError
-from guided_diffusion.run.batching import DEFAULT_NETWORK_BATCH
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.unet import EncoderUNetModel, SuperResModel, UNetModel
 
@@ -540,6 +539,10 @@ def str2bool(v):
 
 # ---------------------------------------------------------------------------------------------
 # Flags every sampling script shares
+
+
+# Images per network call (AlignedNetwork's chunk): part of what decides the pixels, so fixed per run.
+DEFAULT_NETWORK_BATCH = 16
 
 
 def sampling_defaults():

@@ -7,8 +7,7 @@ from typing import Sequence
 import torch
 
 from guided_diffusion.run.non_finite import NonFiniteError, images_text, index_ranges
-
-DEFAULT_NETWORK_BATCH = 16
+from guided_diffusion.script_util import DEFAULT_NETWORK_BATCH
 
 
 class AlignedNetwork:
