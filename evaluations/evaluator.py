@@ -215,6 +215,10 @@ def main(argv=None) -> dict:
     for path in (args.ref_batch, *samples):
         batches[path] = check_batch(path)
     check_distinct_samples(samples, batches)
+    for path in samples if args.bootstrap else ():
+        if read_stored_statistics(path) is not None:  # FID would use them, a bootstrap the images
+            raise ValueError(f"{path} stores its own FID statistics, which a bootstrap of its images would not "
+                             "reproduce; drop --bootstrap or pass the samples without them")
     ref_size = batches[args.ref_batch]["shape"][1:3]
     for path in samples:
         sample_size = batches[path]["shape"][1:3]

@@ -30,11 +30,6 @@ def _launcher_env() -> tuple[int, int, int]:
     return launcher_env(GPUS_PER_NODE)
 
 
-def launcher_rank() -> int:
-    """This process's rank as its launcher (torchrun, Open MPI, MPICH) set it; 0 when not launched."""
-    return _launcher_env()[0]
-
-
 def _local_world_size(world: int) -> int:
     """Ranks on this node, from torchrun's, Open MPI's or MPICH's environment (else the world size)."""
     for name in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):

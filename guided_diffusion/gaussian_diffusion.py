@@ -179,13 +179,20 @@ class GaussianDiffusion:
     def _gather(self, name, t, broadcast_shape):
         """``_extract_into_tensor`` of the schedule array ``self.<name>``, uploaded once per device
         (a copy per call would stall a GPU loop) and again only if the attribute is replaced."""
+        return _broadcast(self._on_device(name, t.device)[t].float(), broadcast_shape)
+
+    def _gather_float64(self, name, t):
+        """``self.<name>[t]`` as a float64 (N,) tensor on t's device (uploaded as ``_gather``'s)."""
+        return self._on_device(name, t.device)[t]
+
+    def _on_device(self, name, device):
         arr = getattr(self, name)
-        key = (name, str(t.device))
+        key = (name, str(device))
         cached = self._device_schedule.get(key)
         if cached is None or cached[0] is not arr:
-            cached = (arr, th.from_numpy(arr).to(device=t.device))
+            cached = (arr, th.from_numpy(arr).to(device=device))
             self._device_schedule[key] = cached
-        return _broadcast(cached[1][t].float(), broadcast_shape)
+        return cached[1]
 
     # ------------------------------------------------------------------ forward process
 
@@ -445,10 +452,6 @@ class GaussianDiffusion:
         mean = _broadcast(coef_start.float(), shape) * x_start + _broadcast(coef_t.float(), shape) * x_t
         return mean, _broadcast(variance.float(), shape)
 
-    def _gather_float64(self, name, t):
-        """``self.<name>[t]`` as a float64 (N,) tensor on t's device."""
-        return th.from_numpy(getattr(self, name)).to(t.device)[t]
-
     def p_sample_loop(
         self,
         model,
@@ -644,6 +647,11 @@ class GaussianDiffusion:
         shifter = self.time_shifter(time_shift, ddim=kind == "ddim")
         if shifter is None:
             step = self.ddim_sample if kind == "ddim" else self.p_sample
+            # only what ADM's signature lacks and differs from its default, so that a fork's
+            # override with ADM's exact signature still runs
+            public_options = {} if schedule is self.eps_scale else {"eps_scale": schedule}
+            if generator is not None:
+                public_options["generator"] = generator
         else:
             step = self._ddim_step if kind == "ddim" else self._ancestral_step
         img, device = self._initial_noise(model, shape, noise, device, generator)
@@ -651,7 +659,7 @@ class GaussianDiffusion:
             t = th.full((shape[0],), i, device=device, dtype=th.long)
             with th.no_grad():
                 if shifter is None:
-                    out = step(model, img, t, eps_scale=schedule, generator=generator, **step_options)
+                    out = step(model, img, t, **public_options, **step_options)
                 else:
                     chosen, target = shifter.step(img, i)
                     out = step(model, img, t, eps_scale=schedule, generator=generator, target_alpha_bar=target,

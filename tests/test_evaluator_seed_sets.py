@@ -202,3 +202,13 @@ def test_seed_set_mistakes_are_one_line_before_inception(batches, tmp_path, caps
     line = _error_line([ref, first, tmp_path / "big.npz", *no_graph], capsys)
     assert f"but the samples 24x24 in {tmp_path / 'big.npz'}" in line
     assert not list(batches.glob("*.eval.json.tmp*"))
+
+
+def test_a_bootstrap_of_samples_that_store_their_statistics_is_refused(batches, tmp_path, capsys):
+    """FID of such a file uses its stored mu and sigma; resampling its images would not."""
+    stored = tmp_path / "stored.npz"
+    np.savez(stored, _images(21, 120) // 2 + 60, mu=np.zeros(4), sigma=np.eye(4), mu_s=np.zeros(3), sigma_s=np.eye(3))
+    no_graph = ["--backend", "torch", "--inception_path", "/nonexistent/graph.pb", "--device", "cpu"]
+    line = _error_line([batches / "ref.npz", stored, "--bootstrap", "10", *no_graph], capsys)
+    assert line == (f"error: {stored} stores its own FID statistics, which a bootstrap of its images would not "
+                    "reproduce; drop --bootstrap or pass the samples without them")

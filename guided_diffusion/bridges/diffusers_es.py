@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from guided_diffusion.eps_scaling import EpsScale, parse_eps_scale, sampling_order_t, scale_eps
-from adm_common.errors import UsageError
+from adm_common.errors import UsageError, first_line
 from guided_diffusion.run.batching import DEFAULT_NETWORK_BATCH, AlignedNetwork
 from guided_diffusion.image_noise import ImageNoise
 
@@ -396,12 +396,6 @@ def _flags_for(scheduler_names) -> str:
     return _listed(flag for flag, name in SCHEDULER_FLAGS.items() if name in scheduler_names)
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message, or its type when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
-
-
 # Above every level these libraries log at: their logged errors too (a failed load becomes our one line).
 _SILENT = logging.CRITICAL + 1
 
@@ -483,7 +477,7 @@ def _hub_model_index(model: str) -> Path:
             raise UsageError(f"model {model} has no model_index.json, so it is not a diffusers pipeline; "
                              f"{_ANY_PIPELINE}") from None
         except Exception as exc:  # network failures come as several types (httpx, OSError, ...)
-            raise UsageError(f"{not_here}, and fetching it from the Hub failed ({_one_line(exc)}); {fetch}") from None
+            raise UsageError(f"{not_here}, and fetching it from the Hub failed ({first_line(exc).rstrip('.')}); {fetch}") from None
 
 
 def _pipeline_index(model: str) -> dict:
@@ -504,7 +498,7 @@ def _pipeline_index(model: str) -> dict:
         if not isinstance(config, dict) or not isinstance(config.get("_class_name"), str):
             raise ValueError("it names no _class_name")
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{index} is not a diffusers model_index.json ({_one_line(exc)}); {_ANY_PIPELINE}") from None
+        raise UsageError(f"{index} is not a diffusers model_index.json ({first_line(exc).rstrip('.')}); {_ANY_PIPELINE}") from None
     return config
 
 
@@ -529,7 +523,7 @@ def load_pipeline(model: str):
             pipe = diffusers.DiffusionPipeline.from_pretrained(model)
     except Exception as exc:  # a broken or partly cached pipeline fails in many ways; all are the user's to fix
         raise UsageError(
-            f"cannot load the {class_name} of --model {model}: {_one_line(exc)}; {_ANY_PIPELINE}"
+            f"cannot load the {class_name} of --model {model}: {first_line(exc).rstrip('.')}; {_ANY_PIPELINE}"
         ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe

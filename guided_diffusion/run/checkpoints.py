@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from adm_common.files import sha256_file
-from adm_common.errors import UsageError
+from adm_common.errors import UsageError, first_line
 
 _WRAPPER_KEYS = ("state_dict", "model", "ema")
 
@@ -60,7 +60,7 @@ def load_state_dict(path, map_location="cpu") -> dict:
         try:
             obj = load_file(str(path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise UsageError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+            raise UsageError(f"{path} is not a readable safetensors file ({first_line(exc, limit=160)})") from None
         return _checked(path, obj)
     if path.suffix == ".pkl":
         raise UsageError(
@@ -72,7 +72,7 @@ def load_state_dict(path, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = _first_line(exc, "unsupported object")
+        first = first_line(exc, "unsupported object", limit=160)
         if "truncated" in first or "ran out of input" in first.lower():
             raise UsageError(f"{path} is cut short ({first}); fetch the checkpoint again") from None
         raise UsageError(
@@ -80,7 +80,7 @@ def load_state_dict(path, map_location="cpu") -> dict:
             "only files of tensors (model*.pt, ema_*.pt, .safetensors) are loaded"
         ) from None
     except Exception as exc:  # any other failure to parse (a cut-short file, a deep pickle): not a checkpoint
-        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc, limit=160)})") from None
     while isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in _WRAPPER_KEYS:
         obj = next(iter(obj.values()))
     return _checked(path, obj)
@@ -98,11 +98,6 @@ def _checked(path: Path, obj) -> dict:
             "a damaged file or a diverged training run; use an earlier checkpoint"
         )
     return obj
-
-
-def _first_line(exc: BaseException, empty: str | None = None) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else (empty or type(exc).__name__)
 
 
 def weights_only_refusal(exc: BaseException) -> str:

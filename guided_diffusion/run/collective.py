@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-from adm_common.errors import UsageError
-
-
-def _one_line(exc: BaseException) -> str:
-    """A user error as the one line a script prints."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+from adm_common.errors import UsageError, one_line
 
 
 def _distributed() -> bool:
@@ -34,7 +26,7 @@ def together(action):
         if action is not None:
             result = action()
     except (ValueError, OSError) as exc:
-        problem = _one_line(exc)
+        problem = one_line(exc)
     problems = [None] * dist.get_world_size()
     dist.all_gather_object(problems, problem)
     first = next((p for p in problems if p), None)

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from adm_common.errors import UsageError
+from adm_common.errors import UsageError, first_line
 from adm_common.files import (
     NpzWriter,
     acquire_lock,
@@ -195,7 +195,7 @@ class SampleRun:
             with zipfile.ZipFile(self.final_path) as archive:
                 sizes = {info.filename: info.file_size for info in archive.infolist()}
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise UsageError(f"{self.final_path} is damaged ({_first_line(exc)}); {fix}") from None
+            raise UsageError(f"{self.final_path} is damaged ({first_line(exc, limit=160)}); {fix}") from None
         short = [m for m, size in members.items() if sizes.get(m, -1) < size]
         if short or record.get("npz") != self.final_path.name:
             raise UsageError(f"{self.final_path} does not hold the {self.num_samples} images its sidecar "
@@ -349,7 +349,7 @@ def _read_shard(path: Path, member: str) -> np.ndarray:
     except (zipfile.BadZipFile, ValueError, EOFError, KeyError) as exc:
         path.unlink(missing_ok=True)
         raise UsageError(
-            f"shard {path} is damaged ({_first_line(exc)}); it was removed: rerun the same command to make its "
+            f"shard {path} is damaged ({first_line(exc, limit=160)}); it was removed: rerun the same command to make its "
             "images again"
         ) from None
 
@@ -361,7 +361,7 @@ def _read_json(path: Path) -> dict:
     except OSError as exc:
         raise UsageError(f"cannot read {path} ({exc.strerror})") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise UsageError(f"{path} is damaged (not valid JSON: {_first_line(exc)})") from None
+        raise UsageError(f"{path} is damaged (not valid JSON: {first_line(exc, limit=160)})") from None
     if not isinstance(value, dict):
         raise UsageError(f"{path} is damaged (not a JSON object)")
     return value
@@ -373,11 +373,6 @@ def _json_ok(path: Path) -> bool:
         return True
     except UsageError:
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def _first_rows(chunks, count: int):

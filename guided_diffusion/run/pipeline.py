@@ -27,6 +27,7 @@ from guided_diffusion.run.collective import together
 from guided_diffusion.run.eps_choice import EpsChoice, choose_eps_scale
 from guided_diffusion.run.output import SampleRun, output_folder, quantize, run_sampling
 from guided_diffusion.run.speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype
+from guided_diffusion.respace import space_timesteps
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.time_shift import time_shift_from_flags
 
@@ -40,6 +41,7 @@ def start(args) -> None:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     check_size_flags(args)
     check_noise_schedule(args)
+    check_time_shift_flags(args)
     args.output_dir = str(output_folder(args.output_dir, "samples"))
     dist_util.setup_dist()
     # One writer per output folder: rank 0 holds its lock until the process ends; a second run on
@@ -220,6 +222,16 @@ def decide_eps_scale(args, config, num_steps: int, table: str | None = None) -> 
     return eps
 
 
+def check_time_shift_flags(args) -> None:
+    """Refuse Time-Shift flags the respaced chain of the flags cannot take, before any folder is made."""
+    if not getattr(args, "do_time_shift", False) or not isinstance(getattr(args, "diffusion_steps", None), int):
+        return
+    shift = time_shift_from_flags(True, args.window, args.cutoff, args.time_shift_rule)
+    if shift is not None:
+        steps = space_timesteps(args.diffusion_steps, args.timestep_respacing or [args.diffusion_steps])
+        shift.validate(args.diffusion_steps, len(steps), bool(args.use_ddim))
+
+
 def decide_time_shift(args, diffusion):
     """The run's Time-Shift setting from --do_time_shift, --window, --cutoff and --time_shift_rule
     (TS-DPM-ADM's flags), checked against the respaced chain before anything is sampled; None when off."""
@@ -328,6 +340,9 @@ def karras_batch_sampler(denoiser, args, shape, num_classes: int, sampler_kwargs
     return sample_batch
 
 
+# The Time-Shift flags (script_util.sampling_defaults); with --do_time_shift False they change nothing.
+TIME_SHIFT_FLAGS = ("do_time_shift", "window", "cutoff", "time_shift_rule")
+
 # Flags that only say where a file is; the run's settings carry the content's sha256 instead.
 LOCATION_FLAGS = ("model_path", "classifier_path", "config", "network", "base_samples", "model")
 
@@ -363,7 +378,12 @@ class SamplingJob:
         sidecar adds the locations, the config's path, where lambda came from and ``facts``."""
         settings = run_settings(args, **{f"{f.name}_sha256": f.sha256 for f in self.inputs}, **self.identity,
                                 **self.eps.settings())
+        shift_flags = {k: settings.pop(k) for k in TIME_SHIFT_FLAGS if k in settings}
+        if shift_flags.get("do_time_shift"):  # off, they decide no pixel: not part of the run's identity
+            settings.update(shift_flags)
         sidecar = dict(settings)
+        if shift_flags and not shift_flags.get("do_time_shift"):
+            sidecar["do_time_shift"] = False
         sidecar.update({f.flag: f.path for f in self.inputs})
         sidecar.update(self.facts)
         sidecar.update(self.eps.record())
