@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adm_common.errors import UsageError
+from adm_common.errors import UsageError, first_line
 
 # errno values that mean "the disk (or the quota) is full".
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -358,10 +358,6 @@ def release_lock(lock_file) -> None:
         os.close(fd)
 
 
-def holds_lock(lock_file) -> bool:
-    return _lock_key(Path(lock_file)) in _HELD
-
-
 @contextlib.contextmanager
 def locked(lock_file, what: str, hint: str = "wait for it to finish or choose another --output_dir"):
     acquire_lock(lock_file, what, hint)
@@ -394,3 +390,17 @@ def lock_output_folder(folder, flag: str = "--output_dir") -> None:
         raise UsageError(f"cannot write to output folder {folder} ({exc.strerror}); choose a writable {flag}") from None
     acquire_lock(lock_file, f"output folder {folder}", f"wait for it to finish or choose another {flag}")
     atexit.register(release_lock, lock_file)
+
+
+def read_json_object(path, what: str = "") -> dict:
+    """The JSON object in ``path``, or one UsageError line naming the file (``what`` it is, if given)."""
+    name = f"the {what} {path}" if what else str(path)
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read {name} ({exc.strerror})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise UsageError(f"{name} is damaged (not valid JSON: {first_line(exc, limit=160)})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{name} is damaged (not a JSON object)")
+    return value

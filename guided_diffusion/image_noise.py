@@ -68,11 +68,6 @@ class ImageNoise:
         rows = [int(torch.randint(high, (1,), generator=g)) for g in self.generators]
         return torch.tensor(rows, dtype=torch.int64, device=device)
 
-    def rand(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """One uniform [0, 1) number per image."""
-        rows = [float(torch.rand((), generator=g, dtype=torch.float64)) for g in self.generators]
-        return torch.tensor(rows, dtype=dtype, device=device)
-
 
 def standard_normal(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
     """N(0, I) noise from ``generator``: None (torch's global RNG), a torch.Generator, or ImageNoise."""

@@ -50,7 +50,7 @@ def main():
     sample_batch = sampling.batch_sampler(
         model, diffusion, args, eps.schedule, (3, args.image_size, args.image_size),
         num_classes=args.num_classes, classifier=classifier, classifier_scale=args.classifier_scale,
-        model_takes_labels=args.class_cond, time_shift=sampling.decide_time_shift(args, diffusion),
+        model_takes_labels=args.class_cond, time_shift=sampling.decide_time_shift(args),
     )
     job = sampling.SamplingJob(sample_batch, (args.image_size, args.image_size, 3), True, eps,
                                [weights, classifier_weights])

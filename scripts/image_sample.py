@@ -30,7 +30,7 @@ def main():
     eps = sampling.decide_eps_scale(args, config, diffusion.num_timesteps)
     sample_batch = sampling.batch_sampler(model, diffusion, args, eps.schedule, (3, args.image_size, args.image_size),
                                           num_classes=args.num_classes if args.class_cond else None,
-                                          time_shift=sampling.decide_time_shift(args, diffusion))
+                                          time_shift=sampling.decide_time_shift(args))
     job = sampling.SamplingJob(sample_batch, (args.image_size, args.image_size, 3), args.class_cond, eps, [weights])
     sampling.run_sampling_job(args, config, job)
 

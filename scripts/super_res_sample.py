@@ -104,7 +104,7 @@ def main():
 
     sample_batch = sampling.batch_sampler(model, diffusion, args, eps.schedule, (3, args.large_size, args.large_size),
                                           extra_kwargs=base_kwargs,
-                                          time_shift=sampling.decide_time_shift(args, diffusion))
+                                          time_shift=sampling.decide_time_shift(args))
     job = sampling.SamplingJob(sample_batch, (args.large_size, args.large_size, 3), args.class_cond, eps,
                                [weights, sampling.InputFile.of("base_samples", args.base_samples, "base_samples")])
     sampling.run_sampling_job(args, config, job)

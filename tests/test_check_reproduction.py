@@ -7,7 +7,6 @@ them, key by key: every key the check reads must already be in the real sidecar.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from adm_common.cli import cli_main
 from guided_diffusion.run import reproduction as rp
 from guided_diffusion.run.configs import load_config
-from tests.sample_scripts import ROOT, run_script, script_env
+from sample_scripts import ROOT, run_script
 
 EDM_NETWORK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "edm" / "edm-ddpmpp-cond-16.pkl"
 
@@ -308,8 +307,7 @@ def test_the_table_and_the_exit_status(adm_record, tmp_path, capsys):
 
 def test_the_script_exits_1_when_a_setting_differs(adm_record, tmp_path):
     bad, = write(tmp_path, [dict(adm_cell(adm_record, "cifar10_uncond_admes"), num_samples=2000)], name="bad")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_reproduction.py"), str(bad)],
-                          capture_output=True, text=True, env=script_env(), timeout=120)
+    proc = run_script("check_reproduction.py", str(bad), check=False)
     assert proc.returncode == 1 and proc.stdout.splitlines()[-1] == "differs from the paper's protocol: images"
     images = next(line for line in proc.stdout.splitlines() if line.startswith("images "))
     assert images.split()[1:4] == ["2000", "50000", "DIFFERS"]

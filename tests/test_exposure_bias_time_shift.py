@@ -31,7 +31,8 @@ def test_time_shifted_chains_end_where_the_time_shifted_loop_ends(use_ddim):
     plain = measure_exposure_bias(diffusion, model, data, "1.01", seed=4, batch_size=16, clip_denoised=False,
                                   use_ddim=use_ddim, forward_norms=False)
     scheduled = [int(diffusion.timestep_map[i - 1]) if i else -1 for i in range(9, -1, -1)]
-    shifted = [int(c[j]) for c in record for j in range(16)] != [s for s in scheduled for _ in range(16)]
+    assert len(record) == 10 and all(len(c) == 16 for c in record)
+    shifted = any(int(t) != s for c, s in zip(record, scheduled) for t in c)
     assert shifted and not torch.equal(run.samples, plain.samples)  # the shift did move some images
 
 

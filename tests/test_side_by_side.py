@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guided_diffusion.analysis import side_by_side as sbs
-from guided_diffusion.analysis.lambda_search import frechet_score, pixel_features
+from guided_diffusion.analysis.lambda_search import frechet_score, pixel_features, sample_images
 from guided_diffusion.eps_scaling import EpsScale
 from guided_diffusion.image_noise import ImageNoise
 from guided_diffusion.run.output import quantize
@@ -27,8 +27,9 @@ def gaussian_bench(sample=None, score=None, num_chains=24):
     model = GaussianEps(S2).eval()
 
     def real_sample(steps, arm, seed):
-        return sbs.sample_images(model, gaussian_diffusion(str(steps)), arm, seed, num_samples=NUM_SAMPLES,
-                                 batch_size=20, shape=IMAGE_SHAPE)
+        return sample_images(model, gaussian_diffusion(str(steps)), arm.eps_scale, seed, num_samples=NUM_SAMPLES,
+                             batch_size=20, shape=IMAGE_SHAPE, time_shift=arm.time_shift,
+                             network_batch=min(NUM_SAMPLES, 400))
 
     real_score = frechet_score(pixel_features, quantize(gaussian_data(S2, n=200, seed=5)))
     return sbs.Bench(model, lambda steps: gaussian_diffusion(str(steps)), sample or real_sample, score or real_score,

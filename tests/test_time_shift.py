@@ -15,7 +15,7 @@ from guided_diffusion.image_noise import ImageNoise
 from guided_diffusion.script_util import create_gaussian_diffusion
 from guided_diffusion.time_shift import StepShifter, TimeShift, TimeShiftError, parse_time_shift, time_shift_from_flags
 
-from gaussian_chains import GaussianEps, tiny_unet_and_diffusion
+from gaussian_chains import GaussianEps, gaussian_diffusion, tiny_unet_and_diffusion
 
 S2 = 0.3
 SHAPE = (4, 3, 8, 8)
@@ -51,7 +51,7 @@ def run(diffusion, model, kind, shift, indices=range(SHAPE[0]), seed=5, **kwargs
 @pytest.mark.parametrize("window", [16, 30])  # 30: half the window passes the current step, which bounds it
 @pytest.mark.parametrize("kind", ["ddim", "ancestral"])
 def test_paper_rule_chooses_what_the_rule_gives(kind, window):
-    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="linear", timestep_respacing="10")
+    diffusion = gaussian_diffusion("10")
     model = GaussianEps(S2 * 4)  # data wider than the noise: the variance falls inside the window
     abar = linear_abar()
     shift = TimeShift(window=window, cutoff=10)
@@ -74,7 +74,7 @@ def test_paper_rule_chooses_what_the_rule_gives(kind, window):
 
 
 def test_shifted_ddim_step_is_the_closed_form_with_the_chosen_alpha_bar():
-    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="linear", timestep_respacing="10")
+    diffusion = gaussian_diffusion("10")
     model = GaussianEps(S2 * 4)
     abar = linear_abar()
     steps = run(diffusion, model, "ddim", TimeShift(window=16, cutoff=10))
@@ -118,7 +118,7 @@ def test_off_is_the_plain_sampler_bit_for_bit(kind, off):
 
 @pytest.mark.parametrize("kind", ["ddim", "ancestral"])
 def test_each_image_is_the_same_alone_and_in_a_batch(kind):
-    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="linear", timestep_respacing="10")
+    diffusion = gaussian_diffusion("10")
     model = GaussianEps(S2 * 4)
     shift = TimeShift(window=16, cutoff=10)
     batch = run(diffusion, model, kind, shift)
@@ -212,7 +212,7 @@ def test_bad_settings_are_one_line_errors(make, message):
     (TimeShift(10, 10, "tsdpm_adm"), "ancestral", "tsdpm_adm is TS-DPM-ADM's DDIM sampler"),
 ])
 def test_settings_that_do_not_fit_the_chain_are_refused_before_sampling(shift, kind, message):
-    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="linear", timestep_respacing="10")
+    diffusion = gaussian_diffusion("10")
     calls = []
 
     def model(x, t):

@@ -55,7 +55,11 @@ def test_the_sidecar_records_every_images_shifted_timesteps_in_any_batch(tiny_mo
     assert [s["step"] for s in steps] == list(range(6))
     got = [Counter({int(t): n for t, n in s["timesteps"].items()}) for s in steps]
     assert got == expected_record(tiny_models, use_ddim)
-    scheduled = [int(t) for t in su.space_timesteps(40, "6")]
+    scheduled = sorted(int(t) for t in su.space_timesteps(40, "6"))
+    # independent of the loop: every image counted at every step; the first step (from x_T) is
+    # never shifted, so all five go to the scheduled next timestep; the last one goes to x_0 (-1)
+    assert all(sum(c.values()) == 5 for c in got)
+    assert got[0] == Counter({scheduled[-2]: 5}) and got[-1] == Counter({-1: 5})
     assert any(set(c) - set(scheduled) - {-1} for c in got)  # some image did move off the grid
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from guided_diffusion.eps_scaling import EpsScale, EpsScaleError
+from guided_diffusion.analysis.seed_stats import mean_std
 from guided_diffusion.analysis.exposure_bias import ChainRun, run_chains
 from adm_common.files import atomic_write_figure, atomic_write_text
 
@@ -104,12 +105,12 @@ class Candidate:
 
     @property
     def mean(self) -> float:
-        return float(np.mean(self.values))
+        return mean_std(self.values)[0]
 
     @property
     def std(self) -> float:
         """Standard deviation over seeds (n - 1 normalisation; 0 for one seed)."""
-        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+        return mean_std(self.values)[1]
 
     def to_dict(self) -> dict:
         linear = self.schedule.table is None
@@ -296,14 +297,12 @@ def compare_schedules(search: LambdaSearch, schedules: dict, optimum: Candidate)
 # Metrics: samples of a schedule and seed, scored
 
 
-def sampling_metric(model, diffusion, score, *, num_samples: int, batch_size: int, image_size: int,
-                    use_ddim: bool = False, clip_denoised: bool = True, num_classes: int | None = None,
-                    progress: bool = False) -> Metric:
-    """metric(schedule, seed) = ``score`` of ``num_samples`` images sampled with that lambda and seed.
-
-    ``score`` gets the images as the evaluator reads them (uint8 [n, H, W, 3]). Image i of seed s
-    (its noise, and its label when ``num_classes``) does not depend on the batch size.
-    """
+def sample_images(model, diffusion, schedule: EpsScale, seed: int, *, num_samples: int, batch_size: int, shape,
+                  use_ddim: bool = False, clip_denoised: bool = True, num_classes: int | None = None,
+                  time_shift=None, network_batch: int | None = None, progress: bool = False) -> np.ndarray:
+    """``num_samples`` uint8 images [n, H, W, C] of one lambda schedule (and Time-Shift) and seed, by
+    the sampling scripts' per-image sampler: image i (its noise, its label when ``num_classes``) does
+    not depend on ``batch_size``. ``network_batch``: images per network call (None: the scripts' default)."""
     import argparse
 
     from tqdm.auto import tqdm
@@ -311,19 +310,31 @@ def sampling_metric(model, diffusion, score, *, num_samples: int, batch_size: in
     from guided_diffusion.run.output import quantize
     from guided_diffusion.run.pipeline import batch_sampler
 
+    args = argparse.Namespace(seed=seed, use_ddim=use_ddim, clip_denoised=clip_denoised)
+    if network_batch is not None:
+        args.network_batch_size = network_batch
+    sample_batch = batch_sampler(model, diffusion, args, schedule, shape, num_classes=num_classes,
+                                 time_shift=time_shift)
+    starts = tqdm(range(0, num_samples, batch_size), desc=f"sampling, eps_scale {str(schedule)[:30]}, seed {seed}",
+                  disable=not progress, leave=False)
+    return np.concatenate([quantize(sample_batch(list(range(s, min(s + batch_size, num_samples))))[0])
+                           for s in starts])
+
+
+def sampling_metric(model, diffusion, score, *, num_samples: int, batch_size: int, image_size: int,
+                    use_ddim: bool = False, clip_denoised: bool = True, num_classes: int | None = None,
+                    progress: bool = False) -> Metric:
+    """metric(schedule, seed) = ``score`` of ``num_samples`` images sampled with that lambda and seed
+    (``sample_images``); ``score`` gets the images as the evaluator reads them (uint8 [n, H, W, 3])."""
     if num_samples < 2:
         raise ValueError(f"a metric needs at least 2 samples, got --num_samples {num_samples}")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
 
     def metric(schedule: EpsScale, seed: int) -> float:
-        args = argparse.Namespace(seed=seed, use_ddim=use_ddim, clip_denoised=clip_denoised)
-        sample_batch = batch_sampler(model, diffusion, args, schedule, (3, image_size, image_size),
-                                     num_classes=num_classes)
-        starts = tqdm(range(0, num_samples, batch_size), desc=f"sampling, eps_scale {str(schedule)[:30]}, seed {seed}",
-                      disable=not progress, leave=False)
-        images = [quantize(sample_batch(list(range(s, min(s + batch_size, num_samples))))[0]) for s in starts]
-        return float(score(np.concatenate(images)))
+        return float(score(sample_images(model, diffusion, schedule, seed, num_samples=num_samples,
+                                         batch_size=batch_size, shape=(3, image_size, image_size), use_ddim=use_ddim,
+                                         clip_denoised=clip_denoised, num_classes=num_classes, progress=progress)))
 
     return metric
 

@@ -26,7 +26,7 @@ from adm_common.files import atomic_write_figure, atomic_write_text, folder_lock
 from guided_diffusion.analysis.exposure_bias import measure_exposure_bias
 from guided_diffusion.analysis.seed_stats import cell, mean_std, paired_gain, verdict
 from guided_diffusion.eps_scaling import EpsScale, parse_eps_scale
-from guided_diffusion.run.output import output_folder, quantize
+from guided_diffusion.run.output import output_folder
 from guided_diffusion.time_shift import TimeShift, parse_time_shift
 
 ARMS = ("baseline", "ES", "TS", "TS+ES")
@@ -79,19 +79,6 @@ class Bench:
         return measure_exposure_bias(self.diffusion_at(steps), self.model, self.data, arm.eps_scale, label=arm.name,
                                      labels=self.labels, seed=seed, batch_size=self.chain_batch,
                                      use_ddim=self.use_ddim, time_shift=arm.time_shift, forward_norms=False)
-
-
-def sample_images(model, diffusion, arm: Arm, seed: int, *, num_samples: int, batch_size: int, shape,
-                  num_classes=None, use_ddim=False, clip_denoised=True) -> np.ndarray:
-    """``num_samples`` uint8 images of ``arm`` (the sampling scripts' per-image sampler, with its time shift)."""
-    from guided_diffusion.run.pipeline import batch_sampler
-
-    args = argparse.Namespace(seed=seed, use_ddim=use_ddim, clip_denoised=clip_denoised,
-                              network_batch_size=min(num_samples, 400))
-    sample_batch = batch_sampler(model, diffusion, args, arm.eps_scale, shape, num_classes=num_classes,
-                                 time_shift=arm.time_shift)
-    starts = range(0, num_samples, batch_size)
-    return np.concatenate([quantize(sample_batch(list(range(s, min(s + batch_size, num_samples))))[0]) for s in starts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +285,7 @@ def checkpoint_bench(args) -> Bench:
     --num_chains images of --data_dir."""
     from guided_diffusion.analysis.commands import search_score
     from guided_diffusion.analysis.exposure_bias import load_images
-    from guided_diffusion.analysis.lambda_search import EVALUATOR_METRICS
+    from guided_diffusion.analysis.lambda_search import EVALUATOR_METRICS, sample_images
     from guided_diffusion.run.pipeline import load_adm_model
     from guided_diffusion.script_util import diffusion_from_flags, model_and_diffusion_defaults
 
@@ -309,9 +296,11 @@ def checkpoint_bench(args) -> Bench:
     num_classes = args.num_classes if args.class_cond else None
 
     def sample(steps, arm, seed):
-        return sample_images(model, diffusion_from_flags(flags, str(steps)), arm, seed, num_samples=args.num_samples,
-                             batch_size=args.batch_size, shape=(3, args.image_size, args.image_size),
-                             num_classes=num_classes, use_ddim=args.use_ddim, clip_denoised=args.clip_denoised)
+        return sample_images(model, diffusion_from_flags(flags, str(steps)), arm.eps_scale, seed,
+                             num_samples=args.num_samples, batch_size=args.batch_size,
+                             shape=(3, args.image_size, args.image_size), num_classes=num_classes,
+                             use_ddim=args.use_ddim, clip_denoised=args.clip_denoised, time_shift=arm.time_shift,
+                             network_batch=min(args.num_samples, 400))
 
     return Bench(model, lambda steps: diffusion_from_flags(flags, str(steps)), sample, score, data, labels,
                  metric=args.metric, lower_is_better=EVALUATOR_METRICS.get(args.metric, True), use_ddim=args.use_ddim,

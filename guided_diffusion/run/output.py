@@ -20,6 +20,7 @@ from adm_common.files import (
     atomic_write_text,
     folder_lock_file,
     is_temp_name,
+    read_json_object,
     release_lock,
     sha256_file,
 )
@@ -165,7 +166,7 @@ class SampleRun:
         """The settings the folder's images were made with: shards/run.json, else the finished sidecar."""
         if run_file.exists():
             try:
-                return _read_json(run_file)
+                return read_json_object(run_file)
             except UsageError as exc:
                 if self.done_indices():
                     raise UsageError(
@@ -175,7 +176,7 @@ class SampleRun:
                 # it made no image: the finished sidecar (if any) says the rest, and it is rewritten
         if self.is_complete():
             try:
-                return _read_json(self.sidecar_path).get("run_identity")
+                return read_json_object(self.sidecar_path).get("run_identity")
             except UsageError as exc:
                 raise UsageError(f"{exc}; delete it and {self.final_path.name}, then rerun the same command "
                                  "to make them again") from None
@@ -185,7 +186,7 @@ class SampleRun:
         """A finished NPZ must be whole and its sidecar readable (a copy cut short, an edit)."""
         fix = f"delete {self.final_path.name} and {self.sidecar_path.name}, then rerun the same command to make them again"
         try:
-            record = _read_json(self.sidecar_path)
+            record = read_json_object(self.sidecar_path)
         except UsageError as exc:
             raise UsageError(f"{exc}; {fix}") from None
         members = {"arr_0.npy": self.num_samples * int(np.prod(self.image_shape))}
@@ -354,22 +355,9 @@ def _read_shard(path: Path, member: str) -> np.ndarray:
         ) from None
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON object from ``path``, or one UsageError line naming the file."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read {path} ({exc.strerror})") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise UsageError(f"{path} is damaged (not valid JSON: {first_line(exc, limit=160)})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{path} is damaged (not a JSON object)")
-    return value
-
-
 def _json_ok(path: Path) -> bool:
     try:
-        _read_json(path)
+        read_json_object(path)
         return True
     except UsageError:
         return False

@@ -232,13 +232,12 @@ def check_time_shift_flags(args) -> None:
         shift.validate(args.diffusion_steps, len(steps), bool(args.use_ddim))
 
 
-def decide_time_shift(args, diffusion):
+def decide_time_shift(args):
     """The run's Time-Shift setting from --do_time_shift, --window, --cutoff and --time_shift_rule
-    (TS-DPM-ADM's flags), checked against the respaced chain before anything is sampled; None when off."""
+    (TS-DPM-ADM's flags; checked against the chain by ``start``, and again by the sampling loop);
+    None when off."""
     shift = time_shift_from_flags(args.do_time_shift, args.window, args.cutoff, args.time_shift_rule)
     if shift is not None:
-        original_steps = len(getattr(diffusion, "original_alphas_cumprod", diffusion.alphas_cumprod))
-        shift.validate(original_steps, diffusion.num_timesteps, bool(args.use_ddim))
         logger.log(f"time shift: {shift}")
     return shift
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from adm_common.errors import UsageError
-from adm_common.files import atomic_write_text
+from adm_common.files import atomic_write_text, read_json_object
 
 MATCH, DIFFERS, MISSING, NOT_RECORDED, NOT_CHECKED = "match", "DIFFERS", "missing", "not recorded", "not checked"
 FAILING = (DIFFERS, MISSING)
@@ -87,25 +87,12 @@ def read_sidecar(path) -> tuple[dict, Path]:
     if not sidecar.is_file():
         raise UsageError(f"{sidecar} does not exist: the sampling scripts write it beside the samples; "
                          "give the NPZ (or the folder) they wrote")
-    record = _read_json(sidecar, "sidecar")
+    record = read_json_object(sidecar, "sidecar")
     if "run_identity" not in record:
         raise UsageError(f"{sidecar} is not a sidecar of this project's sampling scripts (it has no run_identity)")
     if record.get("complete") is False:
         raise UsageError(f"{sidecar} belongs to an unfinished run; rerun the same sampling command to finish it")
     return record, sidecar
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read the {what} {path} ({exc.strerror})") from None
-    except ValueError as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(f"the {what} {path} is damaged (not valid JSON: {detail})") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"the {what} {path} is damaged (not a JSON object)")
-    return value
 
 
 def load_protocol_config(name_or_path) -> dict:
@@ -458,7 +445,7 @@ def check(sample_paths, config_name: str | None = None, eval_path=None, cell_key
     cell = pick_cell(config, records[0], cell_key)
     evaluation = None
     if eval_path is not None:
-        evaluation = _read_json(Path(eval_path), "evaluator JSON")
+        evaluation = read_json_object(Path(eval_path), "evaluator JSON")
         scored = {s.get("sha256") for s in evaluated_samples(evaluation)}
         ours = {r.get("npz_sha256") for r in records}
         if not scored:
