@@ -199,8 +199,12 @@ class NpzWriter:
     def __init__(self, path):
         self.path = Path(path)
         self._partial = temp_path_for(self.path)
-        with writing(self.path):
-            self._zip = zipfile.ZipFile(self._partial, "w", zipfile.ZIP_STORED, allowZip64=True)
+        try:
+            with writing(self.path):
+                self._zip = zipfile.ZipFile(self._partial, "w", zipfile.ZIP_STORED, allowZip64=True)
+        except BaseException:  # Ctrl-C or SIGTERM while the file is being made: __exit__ will not run
+            self._partial.unlink(missing_ok=True)
+            raise
 
     def add(self, name: str, array: np.ndarray) -> None:
         with writing(self.path), self._zip.open(_member(name), "w", force_zip64=True) as member:
