@@ -8,6 +8,7 @@ layout, rank % GPUS_PER_NODE (change GPUS_PER_NODE, as ADM's comment asks, for o
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -62,6 +63,16 @@ def _find_free_port() -> int:
         s.bind(("", 0))
         return s.getsockname()[1]
 
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group while the interpreter still runs: left to the interpreter's
+    teardown, gloo's worker threads can abort the process ("terminate called without an active
+    exception", pytorch/pytorch#190489), turning a finished rank's exit status into a crash."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_destroy_at_exit)
 
 
 def setup_dist() -> None:

@@ -1,11 +1,14 @@
 """dist_util: the launcher's environment read right, and CPU ranks that do not oversubscribe the cores."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from guided_diffusion import dist_util
+from sample_scripts import script_env
 
 
 @pytest.fixture
@@ -140,3 +143,21 @@ def test_single_gpu_process_setup_retries_a_taken_port(monkeypatch, failures, re
             dist_util.setup_dist()
     assert len(calls) == (failures + 1 if succeeds else retries)
     assert all(c[:3] == ("nccl", 0, 1) for c in calls)
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_tears_down(tmp_path):
+    """A group left to the interpreter's teardown can abort a finished rank (gloo's threads call
+    std::terminate); by the time the last exit handler runs it must be gone. The probe handler is
+    registered before dist_util is imported, so it runs after dist_util's own (handlers run in
+    reverse order)."""
+    probe = (
+        "import atexit, torch.distributed as dist\n"
+        "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+        "from guided_diffusion import dist_util\n"
+        "dist_util.setup_dist()\n"
+        "assert dist.is_initialized()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=script_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "initialized at exit: False"
