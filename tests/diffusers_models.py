@@ -1,12 +1,14 @@
 """Tiny random-weight diffusers models and script runs that the diffusers tests share."""
 
-import runpy
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from sample_scripts import run_in_process, run_script
 
 diffusers = pytest.importorskip(
     "diffusers", reason="diffusers is not installed: pip install 'guided-diffusion-es[diffusers]'"
@@ -60,12 +62,35 @@ def tiny_ldm():
     return quiet(diffusers.LDMPipeline(vqvae=vqvae, unet=tiny_unet(seed=1), scheduler=scheduler))
 
 
-def run_script_in_process(monkeypatch, capsys, *flags):
-    """diffusers_sample.py with ``flags`` as its command line runs it: (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["diffusers_sample.py", *flags])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(ROOT / "scripts" / "diffusers_sample.py"), run_name="__main__")
-    return exit_info.value.code, capsys.readouterr().err
+class _RunsStderr:
+    """sys.stderr as it is at each write: the one a script run in this process writes to."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+def sample_in_process(*flags, check=True, env=None):
+    """scripts/diffusers_sample.py --progress=False FLAGS by sample_scripts.run_in_process, with the
+    log messages of diffusers, transformers and huggingface_hub on the run's stderr, as a child
+    prints them: their handlers hold the stderr they were created with (pytest's), not the run's."""
+    handlers = [h for library in ("diffusers", "transformers", "huggingface_hub")
+                for h in logging.getLogger(library).handlers if isinstance(h, logging.StreamHandler)]
+    streams = [h.stream for h in handlers]
+    try:
+        for handler in handlers:
+            handler.stream = _RunsStderr()
+        return run_in_process("diffusers_sample.py", "--progress=False", *flags, check=check, env=env)
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.stream = stream
+
+
+def sample_in_child(*flags, check=True):
+    """scripts/diffusers_sample.py --progress=False FLAGS as a user runs it, in a child process."""
+    return run_script("diffusers_sample.py", "--progress=False", *flags, check=check)
 
 
 class NoQuantization(torch.nn.Module):

@@ -1,15 +1,13 @@
 """Shared by the exposure-bias and lambda-search tests: Gaussian data with its exact noise predictor
-(so chains have closed forms), a tiny random-weight UNet, and running a command's main in-process."""
+(so chains have closed forms) and a tiny random-weight UNet."""
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from guided_diffusion import gaussian_diffusion as gd
-from adm_common.cli import cli_main
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
     create_model_and_diffusion,
@@ -89,15 +87,3 @@ def tiny_unet_and_diffusion():
 TINY_FLAGS = ["--image_size=8", "--num_channels=32", "--num_res_blocks=1", "--channel_mult=1,2",
               "--attention_resolutions=4", "--num_head_channels=16", "--diffusion_steps=40",
               "--noise_schedule=cosine", "--learn_sigma=True", "--timestep_respacing=5", "--progress=False"]
-
-
-def run_in_process(main, script, flags, monkeypatch, capsys):
-    """A command's ``main`` as ``scripts/SCRIPT`` runs it (exit status, stdout, stderr), in this process."""
-    monkeypatch.setattr(sys, "argv", [script, *flags])
-    try:
-        cli_main(main)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err

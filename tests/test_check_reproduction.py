@@ -7,15 +7,14 @@ them, key by key: every key the check reads must already be in the real sidecar.
 """
 
 import json
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from adm_common.cli import cli_main
 from guided_diffusion.run import reproduction as rp
 from guided_diffusion.run.configs import load_config
-from sample_scripts import ROOT, run_script
+from sample_scripts import ROOT, run_in_process, run_script
 
 EDM_NETWORK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "edm" / "edm-ddpmpp-cond-16.pkl"
 
@@ -23,8 +22,8 @@ EDM_NETWORK = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ed
 @pytest.fixture(scope="module")
 def adm_record(tmp_path_factory):
     out = tmp_path_factory.mktemp("adm_run")
-    run_script("image_sample.py", "--config", "digits_uncond", "--num_samples", "4", "--timestep_respacing", "2",
-               "--output_dir", str(out), "--progress", "False")
+    run_in_process("image_sample.py", "--config", "digits_uncond", "--num_samples", "4", "--timestep_respacing", "2",
+                   "--output_dir", str(out), "--progress", "False")
     return json.loads((out / "samples_4x8x8x3.json").read_text())
 
 
@@ -33,8 +32,8 @@ def edm_record(tmp_path_factory):
     if not EDM_NETWORK.is_file():
         pytest.skip(f"{EDM_NETWORK} is absent (the shared reference vectors are not checked out)")
     out = tmp_path_factory.mktemp("edm_run")
-    run_script("edm_sample.py", "--network", str(EDM_NETWORK), "--num_samples", "4", "--num_steps", "2",
-               "--output_dir", str(out), "--progress", "False")
+    run_in_process("edm_sample.py", "--network", str(EDM_NETWORK), "--num_samples", "4", "--num_steps", "2",
+                   "--output_dir", str(out), "--progress", "False")
     return json.loads((out / "samples_4x16x16x3.json").read_text())
 
 
@@ -270,35 +269,35 @@ def test_published_cells_resolve_to_the_papers_lambda_and_fid():
             assert rp._paper_fid(config, str(key), cell.spec, "es") is not None
 
 
-def _cli(capsys, *argv):
-    with pytest.raises(SystemExit) as stop:
-        cli_main(lambda: sys.exit(rp.main([str(a) for a in argv])))
-    return stop.value.code, capsys.readouterr()
+def _cli(*argv):
+    """scripts/check_reproduction.py ARGV in this process: its exit status, and its stdout and stderr as .out, .err."""
+    r = run_in_process("check_reproduction.py", *map(str, argv), check=False)
+    return r.returncode, SimpleNamespace(out=r.stdout, err=r.stderr)
 
 
-def test_user_errors_are_one_line_with_status_2(adm_record, tmp_path, capsys):
-    code, out = _cli(capsys, tmp_path / "none.npz")
+def test_user_errors_are_one_line_with_status_2(adm_record, tmp_path):
+    code, out = _cli(tmp_path / "none.npz")
     assert code == 2 and out.err.splitlines() == [
         f"error: {tmp_path / 'none.json'} does not exist: the sampling scripts write it beside the samples; "
         "give the NPZ (or the folder) they wrote"]
     damaged = tmp_path / "damaged.npz"
     damaged.with_suffix(".json").write_text('{"num_samples": 5')
-    code, out = _cli(capsys, damaged)
+    code, out = _cli(damaged)
     assert code == 2 and len(out.err.splitlines()) == 1 and "is damaged (not valid JSON" in out.err
     [path] = write(tmp_path, [adm_cell(adm_record, "cifar10_uncond_admes")])
-    code, out = _cli(capsys, path, "--config", "digits_uncond")
+    code, out = _cli(path, "--config", "digits_uncond")
     assert code == 2 and out.err.startswith("error: config digits_uncond records no published protocol; configs "
                                             "with one: cifar10_uncond_admes,") and len(out.err.splitlines()) == 1
-    code, out = _cli(capsys, path, "--eval", _json(tmp_path, evaluation("9" * 64)))
+    code, out = _cli(path, "--eval", _json(tmp_path, evaluation("9" * 64)))
     assert code == 2 and "scored other samples" in out.err and len(out.err.splitlines()) == 1
-    code, out = _cli(capsys, path, "--cell", "37")
+    code, out = _cli(path, "--cell", "37")
     assert code == 2 and out.err.splitlines() == [
         "error: --cell 37: cifar10_uncond_admes has the cells 100, 50, 20, 20_linear"]
 
 
-def test_the_table_and_the_exit_status(adm_record, tmp_path, capsys):
+def test_the_table_and_the_exit_status(adm_record, tmp_path):
     good, = write(tmp_path, [adm_cell(adm_record, "cifar10_uncond_admes")], name="good")
-    code, out = _cli(capsys, good, "--json", tmp_path / "out.json")
+    code, out = _cli(good, "--json", tmp_path / "out.json")
     lines = out.out.splitlines()
     assert code == 0 and lines[0] == "cifar10_uncond_admes, cell 100 (baseline; the paper's FID: 3.37)"
     assert lines[1].split()[:2] == ["setting", "this"] and lines[-1] == "every compared setting matches the paper's protocol"
@@ -307,7 +306,7 @@ def test_the_table_and_the_exit_status(adm_record, tmp_path, capsys):
 
 def test_the_script_exits_1_when_a_setting_differs(adm_record, tmp_path):
     bad, = write(tmp_path, [dict(adm_cell(adm_record, "cifar10_uncond_admes"), num_samples=2000)], name="bad")
-    proc = run_script("check_reproduction.py", str(bad), check=False)
+    proc = run_script("check_reproduction.py", str(bad), check=False)  # the one child process: as the user runs it
     assert proc.returncode == 1 and proc.stdout.splitlines()[-1] == "differs from the paper's protocol: images"
     images = next(line for line in proc.stdout.splitlines() if line.startswith("images "))
     assert images.split()[1:4] == ["2000", "50000", "DIFFERS"]

@@ -8,8 +8,6 @@ noise schedule, or from the same pipeline fed a network whose output is divided 
 import functools
 import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
@@ -38,12 +36,12 @@ from adm_common.errors import UsageError  # noqa: E402
 from guided_diffusion.image_noise import image_generator  # noqa: E402
 from guided_diffusion.run.speed import optimize_for_sampling  # noqa: E402
 from diffusers_models import (  # noqa: E402
-    ROOT,
     TRAIN_STEPS,
     linear_alphas_cumprod,
     linear_scheduler,
     quiet,
-    run_script_in_process,
+    sample_in_child,
+    sample_in_process,
     tiny_ldm,
     tiny_unet,
 )
@@ -578,19 +576,11 @@ def test_loaded_pipeline_and_weight_digest(saved_ddpm, tmp_path):
         load_pipeline(str(tmp_path / "weights.bin"))
 
 
-def run_script(*flags):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    env.pop("OPENAI_LOGDIR", None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "diffusers_sample.py"), "--progress=False", *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_script_writes_adm_npz_per_image_and_resumes(saved_ddpm, tmp_path):
     out = tmp_path / "run"
     flags = [f"--model={saved_ddpm}", "--steps=4", "--eps_scale=linear:k=0.01,b=1.03", "--seed=7",
              "--num_samples=5", "--batch_size=2", f"--output_dir={out}"]
-    proc = run_script(*flags, "--keep_shards=True")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample_in_process(*flags, "--keep_shards=True")
     npz = out / "samples_5x8x8x3.npz"
     images = np.load(npz)["arr_0"]
     assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 3)
@@ -608,20 +598,17 @@ def test_script_writes_adm_npz_per_image_and_resumes(saved_ddpm, tmp_path):
     npz.unlink()
     npz.with_suffix(".json").unlink()
     next((out / "shards").glob("shard-00000002-*.npz")).unlink()  # as if killed before that batch
-    proc = run_script(*flags)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample_in_child(*flags)  # the one run as a user runs it: a fresh process resumes from the shards
     assert npz.read_bytes() == first
     other = tmp_path / "batch3"
-    proc = run_script(*[f.replace(str(out), str(other)).replace("--batch_size=2", "--batch_size=3") for f in flags])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample_in_process(*[f.replace(str(out), str(other)).replace("--batch_size=2", "--batch_size=3") for f in flags])
     assert (other / npz.name).read_bytes() == first  # the same bytes whatever the batch size
     fast = tmp_path / "channels_last"
-    proc = run_script(*[f.replace(str(out), str(fast)) for f in flags], "--channels_last=True")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample_in_process(*[f.replace(str(out), str(fast)) for f in flags], "--channels_last=True")
     assert np.abs(np.load(fast / npz.name)["arr_0"].astype(int) - images.astype(int)).max() <= 1
     assert json.loads((fast / npz.name).with_suffix(".json").read_text())["channels_last"] is True
 
-    proc = run_script(*[f for f in flags if not f.startswith("--eps_scale")], "--eps_scale=1.0")
+    proc = sample_in_process(*[f for f in flags if not f.startswith("--eps_scale")], "--eps_scale=1.0", check=False)
     assert proc.returncode == 2 and "error:" in proc.stderr and "other settings" in proc.stderr
 
 
@@ -632,7 +619,7 @@ def test_script_writes_adm_npz_per_image_and_resumes(saved_ddpm, tmp_path):
     (["--model={ddpm}", "--steps=0"], "error: --steps must be at least 1"),
     (["--model={flow}"], "error: DDPMScheduler does not read a model with prediction_type 'flow_prediction'"),
 ])
-def test_script_bad_input_is_one_error_line(monkeypatch, capsys, saved_ddpm, tmp_path, flags, message):
+def test_script_bad_input_is_one_error_line(saved_ddpm, tmp_path, flags, message):
     flow = tmp_path / "flow"
     pipe = tiny_ddpm_pipe()
     pipe.scheduler = linear_scheduler(diffusers.DDPMScheduler, prediction_type="flow_prediction",
@@ -641,6 +628,7 @@ def test_script_bad_input_is_one_error_line(monkeypatch, capsys, saved_ddpm, tmp
     paths = dict(missing=tmp_path / "nothing" / "here", ddpm=saved_ddpm, flow=flow)
     flags = [f.format(**paths) for f in flags] + [f"--output_dir={tmp_path / 'out'}"]
     message = message.format(**paths)
-    code, err = run_script_in_process(monkeypatch, capsys, *flags)
+    proc = sample_in_process(*flags, check=False)
+    code, err = proc.returncode, proc.stderr
     assert code == 2 and err.startswith(message) and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

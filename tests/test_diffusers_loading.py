@@ -1,9 +1,10 @@
 """Loading a pipeline for scripts/diffusers_sample.py: nothing of diffusers', transformers' or
 huggingface_hub's notices and progress bars reaches the console, and every failure is one
-`error: ...` line with exit status 2. The scripts run as subprocesses, offline, with their own
-Hugging Face cache, as a user would run them.
+`error: ...` line with exit status 2. The script runs offline, with its own Hugging Face cache: as
+a user runs it (a subprocess) where it samples, in this process (``refused``) where it refuses.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ diffusers = pytest.importorskip(
 from guided_diffusion.bridges.diffusers_es import load_pipeline, quiet_loading, sample_images  # noqa: E402
 from adm_common.errors import UsageError  # noqa: E402
 from guided_diffusion.run.output import quantize  # noqa: E402
-from diffusers_models import ROOT, TRAIN_STEPS, run_script_in_process, tiny_ldm  # noqa: E402
+from diffusers_models import ROOT, TRAIN_STEPS, sample_in_process, tiny_ldm  # noqa: E402
 
 # Settings that would hide the libraries' output whatever the code does.
 QUIETING_ENV = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS",
@@ -102,6 +103,47 @@ def run_script(models, *flags):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+def refused(models, monkeypatch, capfd, *flags):
+    """diffusers_sample.py FLAGS in this process (``sample_in_process``: warnings and the libraries'
+    log messages to its stderr), offline with the models' Hugging Face cache, with diffusers',
+    transformers' and huggingface_hub's logging and progress bars as a fresh process has them;
+    what reached stdout and stderr, the descriptors included (capfd).
+
+    huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE when it is imported (long before this
+    run), so they are set on its constants here."""
+    import huggingface_hub.utils as hub
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import constants
+
+    libraries = [diffusers_logging]
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as transformers_logging
+
+        libraries.append(transformers_logging)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(models["cache"]))
+    before = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    hub_before = (hub.logging.get_verbosity(), hub.are_progress_bars_disabled())
+    for lib in libraries:
+        lib.set_verbosity_warning()
+        lib.enable_progress_bar()
+    hub.logging.set_verbosity_warning()
+    hub.enable_progress_bars()
+    capfd.readouterr()
+    try:
+        proc = sample_in_process(*flags, check=False, env=dict(
+            HF_HUB_OFFLINE="1", HF_HOME=str(models["cache"].parent / "hf_home"), HF_HUB_CACHE=str(models["cache"])))
+    finally:
+        for lib, (verbosity, bars) in zip(libraries, before):
+            lib.set_verbosity(verbosity)
+            (lib.enable_progress_bar if bars else lib.disable_progress_bar)()
+        hub.logging.set_verbosity(hub_before[0])
+        (hub.disable_progress_bars if hub_before[1] else hub.enable_progress_bars)()
+    leaked = capfd.readouterr()
+    proc.stdout, proc.stderr = proc.stdout + leaked.out, proc.stderr + leaked.err
+    return proc
+
+
 @pytest.mark.parametrize("model,message", [
     ("{text_to_image}", "--model {text_to_image} is a StableDiffusionPipeline, a text-to-image pipeline, which this "
                         "script cannot run: it samples the unconditional DDPMPipeline, DDIMPipeline and LDMPipeline; "
@@ -111,9 +153,10 @@ def run_script(models, *flags):
     ("google/ddpm-nope-32", "--model google/ddpm-nope-32 is not a folder here and not in the Hugging Face cache, "
                             "and HF_HUB_OFFLINE is set; download it with: hf download google/ddpm-nope-32"),
 ], ids=["text-to-image folder", "text-to-image model id, index only", "broken folder", "unknown model id offline"])
-def test_a_pipeline_that_cannot_be_loaded_is_one_error_line_and_nothing_else(models, tmp_path, model, message):
+def test_a_pipeline_that_cannot_be_loaded_is_one_error_line_and_nothing_else(models, monkeypatch, capfd, tmp_path,
+                                                                             model, message):
     out = tmp_path / "out"
-    proc = run_script(models, f"--model={model.format(**models)}", f"--output_dir={out}")
+    proc = refused(models, monkeypatch, capfd, f"--model={model.format(**models)}", f"--output_dir={out}")
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.startswith("error: " + message.format(**models)), proc.stderr
@@ -121,8 +164,9 @@ def test_a_pipeline_that_cannot_be_loaded_is_one_error_line_and_nothing_else(mod
     assert not out.exists()
 
 
-def test_an_unknown_scheduler_is_one_error_line(models, tmp_path):
-    proc = run_script(models, f"--model={models['ldm']}", "--scheduler=heun", f"--output_dir={tmp_path / 'out'}")
+def test_an_unknown_scheduler_is_one_error_line(models, monkeypatch, capfd, tmp_path):
+    proc = refused(models, monkeypatch, capfd, f"--model={models['ldm']}", "--scheduler=heun",
+                   f"--output_dir={tmp_path / 'out'}")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: argument --scheduler: invalid choice: 'heun'") and proc.stderr.count("\n") == 1
     assert "pipeline" in proc.stderr and "euler_ancestral" in proc.stderr  # the choices are named
@@ -149,10 +193,11 @@ def test_a_cached_model_id_loads_silently_offline_and_samples_as_its_folder_does
     (lambda d: d.write_bytes(b"weights"), "--model {d} is a file; give the pipeline's folder"),
     (lambda d: None, "--model {d}: there is no such folder, and it is not a model id (owner/name)"),
 ], ids=["empty folder", "bad json", "no class", "a file", "no such path"])
-def test_a_folder_that_is_not_a_pipeline_is_one_error_line(monkeypatch, capsys, tmp_path, make, message):
+def test_a_folder_that_is_not_a_pipeline_is_one_error_line(tmp_path, make, message):
     target = tmp_path / "model"
     make(target)
-    code, err = run_script_in_process(monkeypatch, capsys, f"--model={target}", f"--output_dir={tmp_path / 'out'}")
+    proc = sample_in_process(f"--model={target}", f"--output_dir={tmp_path / 'out'}", check=False)
+    code, err = proc.returncode, proc.stderr
     assert code == 2 and err.startswith("error: " + message.format(d=target)) and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 

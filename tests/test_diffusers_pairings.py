@@ -8,10 +8,7 @@ scale_model_input, step with the image's generator), the noise divided by lambda
 uses nothing of the bridge.
 """
 
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -32,7 +29,9 @@ from guided_diffusion.bridges.diffusers_es import (  # noqa: E402
 )
 from adm_common.errors import UsageError  # noqa: E402
 from guided_diffusion.image_noise import image_generator  # noqa: E402
-from diffusers_models import ROOT, TRAIN_STEPS, linear_scheduler, make_pipe, quiet, tiny_ldm, tiny_unet  # noqa: E402
+from diffusers_models import (  # noqa: E402
+    TRAIN_STEPS, linear_scheduler, make_pipe, quiet, sample_in_process, tiny_ldm, tiny_unet,
+)
 
 SEED, STEPS, K, B = 11, 3, 0.01, 1.02
 SPEC = f"linear:k={K},b={B}"
@@ -206,13 +205,6 @@ def test_the_refused_pairings_are_wrong_in_plain_diffusers():
 # --- the script ---------------------------------------------------------------------------------
 
 
-def run_script(*flags, env_extra=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **(env_extra or {}))
-    env.pop("OPENAI_LOGDIR", None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "diffusers_sample.py"), "--progress=False", *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_script_ldm_with_euler_is_the_schedulers_loop_and_the_same_in_any_batch(tmp_path):
     folder = tmp_path / "ldm"
     saved = tiny_ldm()  # with its codebook: a VQModel saves and loads whole
@@ -221,9 +213,8 @@ def test_script_ldm_with_euler_is_the_schedulers_loop_and_the_same_in_any_batch(
     outputs = {}
     for batch in (2, 3):
         out = tmp_path / f"batch{batch}"
-        proc = run_script(f"--model={folder}", "--scheduler=euler", f"--steps={STEPS}", f"--eps_scale={SPEC}",
-                          f"--seed={SEED}", "--num_samples=3", f"--batch_size={batch}", f"--output_dir={out}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        sample_in_process(f"--model={folder}", "--scheduler=euler", f"--steps={STEPS}", f"--eps_scale={SPEC}", f"--seed={SEED}",
+            "--num_samples=3", f"--batch_size={batch}", f"--output_dir={out}")
         outputs[batch] = (out / "samples_3x16x16x3.npz").read_bytes()
     assert outputs[2] == outputs[3]
     images = np.load(tmp_path / "batch2" / "samples_3x16x16x3.npz")["arr_0"]
@@ -239,7 +230,7 @@ def test_script_refuses_a_pairing_in_one_line_and_writes_nothing(tmp_path):
     folder = tmp_path / "ddpm"
     make_pipe("ddpm").save_pretrained(folder)
     out = tmp_path / "out"
-    proc = run_script(f"--model={folder}", "--scheduler=euler", "--steps=3", f"--output_dir={out}")
+    proc = sample_in_process(f"--model={folder}", "--scheduler=euler", "--steps=3", f"--output_dir={out}", check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: DDPMPipeline cannot drive EulerDiscreteScheduler")
     assert proc.stderr.count("\n") == 1

@@ -9,10 +9,7 @@ from the same scheduler configured for a noise-predicting model and fed eps / la
 
 import inspect
 import math
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -34,7 +31,7 @@ from guided_diffusion.bridges.diffusers_es import (  # noqa: E402
 )
 from adm_common.errors import UsageError  # noqa: E402
 from guided_diffusion.image_noise import image_generator  # noqa: E402
-from diffusers_models import ROOT, linear_alphas_cumprod, linear_scheduler, make_pipe  # noqa: E402
+from diffusers_models import linear_alphas_cumprod, linear_scheduler, make_pipe, sample_in_process  # noqa: E402
 
 SEED, STEPS, K, B = 5, 3, 0.02, 1.03
 
@@ -354,15 +351,9 @@ def test_pairings_that_cannot_step_the_model_are_refused_in_one_line(kind, flag,
 def test_script_samples_a_v_prediction_pipeline_with_es_as_the_hand_loop(tmp_path):
     folder, out = tmp_path / "vpred", tmp_path / "out"
     make_pipe("ddpm", "v_prediction").save_pretrained(folder)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    env.pop("OPENAI_LOGDIR", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "diffusers_sample.py"), "--progress=False", f"--model={folder}",
-         "--scheduler=ddim", f"--steps={STEPS}", f"--eps_scale=linear:k={K},b={B}", f"--seed={SEED}",
-         "--num_samples=2", "--batch_size=2", f"--output_dir={out}"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample_in_process(f"--model={folder}", "--scheduler=ddim", f"--steps={STEPS}",
+                      f"--eps_scale=linear:k={K},b={B}", f"--seed={SEED}", "--num_samples=2", "--batch_size=2",
+                      f"--output_dir={out}")
     images = np.load(out / "samples_2x8x8x3.npz")["arr_0"]
     pipe = make_pipe("ddpm", "v_prediction")
     for index in (0, 1):

@@ -7,14 +7,14 @@ import json
 import math
 import os
 import pickle
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from sample_scripts import run_in_process, run_script
 
 from guided_diffusion.edm import networks as en
 from guided_diffusion.edm.pickles import (
@@ -25,8 +25,6 @@ from guided_diffusion.edm.pickles import (
     load_edm_pickle,
     record_state_dict,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 NET_KWARGS = dict(img_resolution=8, img_channels=3, label_dim=4, use_fp16=False, model_type="SongUNet",
                   embedding_type="positional", encoder_type="standard", decoder_type="standard",
@@ -247,15 +245,14 @@ def test_convert_writes_safetensors_and_config(persistence_module, tmp_path):
 
 
 def run(script, *args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300, env=env)
+    """scripts/SCRIPT ARGS in this process (run_in_process): what it writes or refuses."""
+    return run_in_process(script, *args, check=False)
 
 
 def test_convert_script(persistence_module, tmp_path):
     net, kwargs = make_network()
     pkl = write_edm_pickle(tmp_path / "good.pkl", net, kwargs)
-    r = run("convert_edm_pkl.py", str(pkl))
+    r = run_script("convert_edm_pkl.py", str(pkl), check=False)  # the one child process: as the user runs it
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "good.safetensors").exists() and (tmp_path / "good.json").exists()
     marker = tmp_path / "payload-ran"
@@ -360,7 +357,9 @@ def test_edm_sample_script_uses_the_papers_lambda(persistence_module, tmp_path):
     pkl = write_edm_pickle(tmp_path / "net.pkl", net, kwargs)
     common = ["--network", str(pkl), "--num_samples", "1", "--progress", "False", "--config",
               "edm_cifar10_32x32_cond_vp", "--solver", "euler"]
-    r = run("edm_sample.py", *common, "--num_steps", "13", "--eps_scale", "paper", "--output_dir", str(tmp_path / "a"))
+    # the one child process of edm_sample.py here: as the user runs it
+    r = run_script("edm_sample.py", *common, "--num_steps", "13", "--eps_scale", "paper", "--output_dir",
+                   str(tmp_path / "a"), check=False)
     assert r.returncode == 0, r.stderr
     sidecar = json.loads((tmp_path / "a" / "samples_1x8x8x3.json").read_text())
     assert sidecar["eps_scale"] == "1.0051"  # the ES paper, cond CIFAR-10, Euler at 13 steps

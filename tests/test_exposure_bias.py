@@ -25,12 +25,11 @@ from gaussian_chains import (
     closed_form,
     gaussian_data,
     gaussian_diffusion,
-    run_in_process,
     tiny_unet_and_diffusion,
 )
 from PIL import Image
+from sample_scripts import run_in_process
 
-from guided_diffusion.analysis.commands import exposure_bias_main
 from guided_diffusion.analysis.exposure_bias import (
     STEP_COLUMNS,
     exposure_delta,
@@ -292,7 +291,7 @@ def test_script_writes_baseline_es_and_calibrated_runs(tmp_path, tiny_checkpoint
     assert "calibrated lambda: uniform --eps_scale" in proc.stdout
 
 
-def test_script_errors_are_one_line(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+def test_script_errors_are_one_line(tmp_path, tiny_checkpoint):
     np.savez(tmp_path / "big.npz", np.zeros((4, 32, 32, 3), dtype=np.uint8))
     for flags, message in [
         (["--data_dir=digits:16"], "gives 16x16 images but the model takes 8x8"),
@@ -300,9 +299,9 @@ def test_script_errors_are_one_line(tmp_path, tiny_checkpoint, monkeypatch, caps
         (["--data_dir=digits", "--eps_scale=linear:k=-1"], "every lambda must be > 0"),
         (["--data_dir=digits", f"--model_path={tmp_path / 'missing.pt'}"], "does not exist"),
     ]:
-        code, _, err = run_in_process(exposure_bias_main, "exposure_bias.py", [*TINY_FLAGS, f"--model_path={tiny_checkpoint}",
-                                                           "--num_images=4", f"--output_dir={tmp_path / 'out'}",
-                                                           *flags], monkeypatch, capsys)
+        proc = run_in_process("exposure_bias.py", *TINY_FLAGS, f"--model_path={tiny_checkpoint}", "--num_images=4",
+                              f"--output_dir={tmp_path / 'out'}", *flags, check=False)
+        code, err = proc.returncode, proc.stderr
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
         assert re.search(message, lines[0]), lines[0]

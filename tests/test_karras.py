@@ -3,15 +3,12 @@ steps, noise streams, the ADM-checkpoint wrapper, and scripts/edm_sample.py on a
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from sample_scripts import run_in_process, run_script
 
 from guided_diffusion.eps_scaling import EpsScaleError
 from guided_diffusion.edm.samplers import (
@@ -23,8 +20,6 @@ from guided_diffusion.edm.samplers import (
     sampling_sigmas,
 )
 from guided_diffusion.image_noise import ImageNoise
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def gaussian_denoiser(data_std):
@@ -342,10 +337,9 @@ ADM_FLAGS = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1
              "--num_classes", "3", "--diffusion_steps", "50", "--noise_schedule", "cosine"]
 
 
-def run_script(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "edm_sample.py"), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+def run(*args, child=False):
+    """scripts/edm_sample.py ARGS in this process (run_in_process), or with ``child`` in a child process."""
+    return (run_script if child else run_in_process)("edm_sample.py", *args, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -369,9 +363,10 @@ def adm_checkpoint(tmp_path_factory):
 def test_edm_sample_script_on_an_adm_checkpoint(adm_checkpoint, tmp_path):
     common = [*ADM_FLAGS, "--model_path", str(adm_checkpoint), "--num_samples", "3", "--num_steps", "3",
               "--solver", "euler", "--eps_scale", "1.004", "--sigma_max", "1.5", "--progress", "False", "--seed", "4"]
-    a = run_script(*common, "--batch_size", "2", "--output_dir", str(tmp_path / "a"))
+    # the one child process here: edm_sample.py as the user runs it
+    a = run(*common, "--batch_size", "2", "--output_dir", str(tmp_path / "a"), child=True)
     assert a.returncode == 0, a.stderr
-    b = run_script(*common, "--batch_size", "3", "--output_dir", str(tmp_path / "b"))
+    b = run(*common, "--batch_size", "3", "--output_dir", str(tmp_path / "b"))
     assert b.returncode == 0, b.stderr
     npz_a, npz_b = np.load(tmp_path / "a" / "samples_3x8x8x3.npz"), np.load(tmp_path / "b" / "samples_3x8x8x3.npz")
     assert npz_a["arr_0"].dtype == np.uint8 and npz_a["arr_0"].shape == (3, 8, 8, 3)
@@ -385,8 +380,8 @@ def test_edm_sample_script_on_an_adm_checkpoint(adm_checkpoint, tmp_path):
 
 
 def test_edm_sample_script_errors_are_one_line(tmp_path):
-    r = run_script("--num_samples", "1", "--output_dir", str(tmp_path))
+    r = run("--num_samples", "1", "--output_dir", str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert "--network" in r.stderr
-    r = run_script("--network", str(tmp_path / "missing.pkl"), "--output_dir", str(tmp_path))
+    r = run("--network", str(tmp_path / "missing.pkl"), "--output_dir", str(tmp_path))
     assert r.returncode == 2 and "does not exist" in r.stderr

@@ -7,22 +7,17 @@ correction on all steps but the last; images as x * 127.5 + 128 clipped and trun
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import REFERENCE_DIR
+from sample_scripts import run_in_process, run_script
 from guided_diffusion.edm.generate import parse_seeds, quantize_edm, sample_seeds, seed_batches
 from adm_common.errors import UsageError
 from guided_diffusion.edm.samplers import EDMSeedNoise
 from guided_diffusion.run.output import quantize
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def edm_by_hand(net, seeds, num_steps, S_churn=0.0, S_min=0.0, S_max=math.inf, S_noise=1.0, class_idx=None,
@@ -176,10 +171,9 @@ def reference_pickle(name):
     return path
 
 
-def run(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "edm_sample.py"), *args, "--progress", "False"],
-                          capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+def run(*args, child=False):
+    """scripts/edm_sample.py ARGS in this process (run_in_process), or with ``child`` in a child process."""
+    return (run_script if child else run_in_process)("edm_sample.py", *args, "--progress", "False", check=False)
 
 
 def png_pixels(path):
@@ -258,7 +252,9 @@ def test_quantization_default_is_stated_and_recorded(tmp_path):
     text = " ".join(r.stdout.split())
     assert "Default: edm with --seeds, adm without" in text and "floor((x + 1) * 127.5)" in text
     pkl = reference_pickle("vp-ddpmpp-uncond-16.pkl")
-    r = run("--network", str(pkl), "--output_dir", str(tmp_path / "adm"), "--num_samples", "1", "--num_steps", "2")
+    # the one child process here: edm_sample.py as the user runs it
+    r = run("--network", str(pkl), "--output_dir", str(tmp_path / "adm"), "--num_samples", "1", "--num_steps", "2",
+            child=True)
     assert r.returncode == 0, r.stderr
     sidecar = json.loads((tmp_path / "adm" / "samples_1x16x16x3.json").read_text())
     assert sidecar["quantization"] == "adm" and sidecar["randomness"].startswith("per image")

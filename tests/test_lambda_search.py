@@ -12,11 +12,10 @@ from gaussian_chains import (
     closed_form,
     gaussian_data,
     gaussian_diffusion,
-    run_in_process,
     tiny_unet_and_diffusion,
 )
+from sample_scripts import run_in_process
 
-from guided_diffusion.analysis.commands import search_main
 from guided_diffusion.eps_scaling import EpsScale, parse_eps_scale
 from guided_diffusion.analysis.exposure_bias import measure_exposure_bias
 from guided_diffusion.analysis.lambda_search import (
@@ -331,9 +330,10 @@ SEARCH_FLAGS = ["--metric=pixel_fd", "--data_dir=digits", "--num_images=16", "--
                 "--seeds=0,1", "--grid=3", "--rounds=2"]
 
 
-def test_search_script_end_to_end_and_resumed(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+def test_search_script_end_to_end_and_resumed(tmp_path, tiny_checkpoint):
     flags = [*TINY_FLAGS, *SEARCH_FLAGS, f"--model_path={tiny_checkpoint}", f"--output_dir={tmp_path}"]
-    code, out, err = run_in_process(search_main, "search_eps_scale.py", flags, monkeypatch, capsys)
+    r = run_in_process("search_eps_scale.py", *flags, check=False)
+    code, out, err = r.returncode, r.stdout, r.stderr
     assert code == 0, err[-3000:]
     record = json.loads((tmp_path / "search.json").read_text())
     uniform, linear = (parse_eps_scale(record["best"][f]) for f in ("uniform", "linear"))
@@ -351,13 +351,14 @@ def test_search_script_end_to_end_and_resumed(tmp_path, tiny_checkpoint, monkeyp
     assert len(cache["values"]) == 2 * len(every_schedule)
     assert (tmp_path / "search.png").stat().st_size > 10000
 
-    code, out, err = run_in_process(search_main, "search_eps_scale.py", flags, monkeypatch, capsys)
+    r = run_in_process("search_eps_scale.py", *flags, check=False)
+    code, out, err = r.returncode, r.stdout, r.stderr
     assert code == 0, err
     assert "0 new evaluations" in out  # resumed entirely from the cache
     assert json.loads((tmp_path / "search.json").read_text())["best"] == record["best"]
 
 
-def test_search_script_errors_are_one_line(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+def test_search_script_errors_are_one_line(tmp_path, tiny_checkpoint):
     base = [*TINY_FLAGS, f"--model_path={tiny_checkpoint}", f"--output_dir={tmp_path}"]
     for flags, message in [
         (["--metric=fid"], "needs ADM's reference batch; pass --ref_batch"),
@@ -368,7 +369,8 @@ def test_search_script_errors_are_one_line(tmp_path, tiny_checkpoint, monkeypatc
         ([*SEARCH_FLAGS, "--grid=4"], "odd number"),
         ([*SEARCH_FLAGS, "--data_dir=digits:16"], "gives 16x16 images but the model takes 8x8"),
     ]:
-        code, _, err = run_in_process(search_main, "search_eps_scale.py", [*base, *flags], monkeypatch, capsys)
+        r = run_in_process("search_eps_scale.py", *base, *flags, check=False)
+        code, err = r.returncode, r.stderr
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
         assert message in lines[0], lines[0]

@@ -1,7 +1,8 @@
 """The sampling scripts under the faults a new user meets, run as the user runs them: two runs on
 one folder (one rank or two), kill -9, NaN weights, a diverging network, a full disk, damaged
 inputs. Each ends with exit status 2 and one ``error:`` line (no traceback), writes nothing of the
-failed work, and a rerun gives the bytes of an uninterrupted run."""
+failed work, and a rerun gives the bytes of an uninterrupted run. What needs processes (a second
+run, a lock held by another one, kill -9, a launcher) runs them; the rest runs in this process."""
 
 import os
 import shutil
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from sample_scripts import ROOT, TINY_FLAGS, run_script, script_env, tiny_models  # noqa: F401 (a fixture)
+from sample_scripts import (  # noqa: F401 (tiny_models: a fixture)
+    ROOT, TINY_FLAGS, run_in_process, run_script, script_env, tiny_models,
+)
 
 MPIRUN = ("mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root")
 
@@ -58,22 +61,22 @@ def test_two_runs_on_one_folder_never_mix(tmp_path, tiny_models):
         for extra, launcher in (((), ()), (("--seed=5",), ()), (("--seed=5",), MPIRUN)):
             if launcher and shutil.which("mpirun") is None:
                 continue
-            before = sorted(p.name for p in (out / "shards").iterdir())
+            before = {p.name for p in (out / "shards").glob("shard-*.npz")}  # written (not the one being written)
             proc = run_script("image_sample.py", *_flags(tiny_models, out, 400, 1, *extra), launcher=launcher,
                               check=False)
             line = _error_line(proc) if launcher else _only_line(proc)
             assert f"output folder {out} is in use by another run (pid {first.pid}" in line
             assert first.poll() is None, "the first run finished: the refusal was not tested"
-            assert set(p.name for p in (out / "shards").iterdir()) >= set(before)  # nothing of it was removed
+            assert {p.name for p in (out / "shards").glob("shard-*.npz")} >= before  # nothing of it was removed
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert len(list((out / "shards").glob("shard-*.npz"))) >= 1
     assert (out / ".lock").exists()  # left by kill -9, but not locked: the next run goes ahead
     # image i is a function of (seed, i): finish the first 12 images from the killed run's shards
-    run_script("image_sample.py", *_flags(tiny_models, out, 12, 4))
+    run_script("image_sample.py", *_flags(tiny_models, out, 12, 4))  # a process that ends: the lock file goes
     clean = tmp_path / "clean"
-    run_script("image_sample.py", *_flags(tiny_models, clean, 12, 5))
+    run_in_process("image_sample.py", *_flags(tiny_models, clean, 12, 5))
     assert (out / "samples_12x8x8x3.npz").read_bytes() == (clean / "samples_12x8x8x3.npz").read_bytes()
     assert not (out / ".lock").exists() and not list(out.rglob("*.tmp*"))
 
@@ -97,10 +100,10 @@ def _nothing_sampled(out):
 
 def test_non_finite_values_never_become_black_images(tmp_path, bad_models):
     out = tmp_path / "nan"
-    line = _only_line(run_script("image_sample.py", *_flags(bad_models, out, 3, 2, model="nan.pt"), check=False))
+    line = _only_line(run_in_process("image_sample.py", *_flags(bad_models, out, 3, 2, model="nan.pt"), check=False))
     assert "nan.pt holds NaN or infinite weights in 1 tensor (first out.2.weight)" in line
     _nothing_sampled(out)
-    line = _only_line(run_script("image_sample.py", *_flags(bad_models, out, 3, 2, model="huge.pt"), check=False))
+    line = _only_line(run_in_process("image_sample.py", *_flags(bad_models, out, 3, 2, model="huge.pt"), check=False))
     assert "network returned NaN or infinite values at network evaluation 1 of batch 0-1 (t = 39)" in line
     assert "for images 0-1; nothing of this batch was written" in line
     _nothing_sampled(out)
@@ -115,13 +118,13 @@ def test_values_that_would_diverge_are_refused_before_sampling(tmp_path, tiny_mo
         (("--diffusion_steps=1", "--timestep_respacing="), "--diffusion_steps must be at least 2"),
     ]
     for extra, expected in cases:
-        assert expected in _only_line(run_script("image_sample.py", *_flags(tiny_models, out, 2, 2, *extra),
-                                                 check=False))
+        assert expected in _only_line(run_in_process("image_sample.py", *_flags(tiny_models, out, 2, 2, *extra),
+                                                     check=False))
     guided = [*_flags(tiny_models, out, 2, 2, model="cond.pt"), "--class_cond=True", "--num_classes=10",
               f"--classifier_path={tiny_models / 'classifier.pt'}", "--classifier_width=32", "--classifier_depth=1",
               "--classifier_attention_resolutions=4", "--classifier_channel_mult=1,2"]
     for scale in ("nan", "inf", "-inf"):
-        line = _only_line(run_script("classifier_sample.py", *guided, f"--classifier_scale={scale}", check=False))
+        line = _only_line(run_in_process("classifier_sample.py", *guided, f"--classifier_scale={scale}", check=False))
         assert "--classifier_scale must be a finite number" in line
     assert not out.exists()
 
@@ -139,12 +142,13 @@ def test_damaged_base_samples_and_labels_out_of_range(tmp_path, tiny_models):
     }
     for name, (content, expected) in cases.items():
         (tmp_path / name).write_bytes(content)
-        line = _only_line(run_script("super_res_sample.py", *sr, f"--base_samples={tmp_path / name}", check=False))
+        line = _only_line(run_in_process("super_res_sample.py", *sr, f"--base_samples={tmp_path / name}", check=False))
         assert expected in line and name in line
-    line = _only_line(run_script("super_res_sample.py", *sr, f"--base_samples={tmp_path / 'nope.npz'}", check=False))
+    line = _only_line(run_in_process("super_res_sample.py", *sr, f"--base_samples={tmp_path / 'nope.npz'}",
+                                     check=False))
     assert "does not exist" in line
-    line = _only_line(run_script("super_res_sample.py", *sr, "--class_cond=True", f"--base_samples={good}",
-                                 check=False))
+    line = _only_line(run_in_process("super_res_sample.py", *sr, "--class_cond=True", f"--base_samples={good}",
+                                     check=False))
     assert "has labels from 0 to 1000; this upsampler knows classes 0..999" in line
     assert not (tmp_path / "sr").exists()
 
@@ -169,15 +173,15 @@ def tiny_disk():
 
 def test_a_full_disk_is_one_line_and_the_rerun_after_freeing_space_resumes(tmp_path, tiny_models, tiny_disk):
     out = tiny_disk / "out"
-    proc = run_script("image_sample.py", *_flags(tiny_models, out, 120, 20), check=False)
+    proc = run_in_process("image_sample.py", *_flags(tiny_models, out, 120, 20), check=False)
     line = _only_line(proc)
     assert "no space left on" in line and "rerun the same command" in line
     assert not list(out.rglob("*.tmp*")) and not (out / ".lock").exists()
     assert len(list((out / "shards").glob("shard-*.npz"))) < 6
     subprocess.run(["mount", "-o", "remount,size=4m", str(tiny_disk)], check=True)
-    run_script("image_sample.py", *_flags(tiny_models, out, 120, 20))
+    run_in_process("image_sample.py", *_flags(tiny_models, out, 120, 20))
     clean = tmp_path / "clean"
-    run_script("image_sample.py", *_flags(tiny_models, clean, 120, 30))
+    run_in_process("image_sample.py", *_flags(tiny_models, clean, 120, 30))
     assert (out / "samples_120x8x8x3.npz").read_bytes() == (clean / "samples_120x8x8x3.npz").read_bytes()
 
 
@@ -214,8 +218,8 @@ def test_npz_to_png_has_one_writer_and_sweeps_partial_folders_of_killed_runs(tmp
     flipped[flipped.index(b"\x93NUMPY") + 130] ^= 0xFF  # one damaged byte in the images: a CRC error
     (tmp_path / "crc.npz").write_bytes(bytes(flipped))
     for name, expected in (("cut.npz", "not an .npz file"), ("crc.npz", "is damaged (Bad CRC-32")):
-        line = _only_line(run_script("npz_to_png.py", str(tmp_path / name), str(tmp_path / "png2"), "--no-progress",
-                                     check=False))
+        line = _only_line(run_in_process("npz_to_png.py", str(tmp_path / name), str(tmp_path / "png2"), "--no-progress",
+                                         check=False))
         assert expected in line
         assert not (tmp_path / "png2").exists() and not list(tmp_path.glob("png2.tmp*"))
 
@@ -229,8 +233,8 @@ def test_nan_bits_per_dim_are_refused_and_nothing_is_written(tmp_path, bad_model
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(data / f"{i}.png")
     out = tmp_path / "nll"
     flags = [f for f in TINY_FLAGS if not f.startswith("--progress")]
-    proc = run_script("image_nll.py", *flags, f"--model_path={bad_models / 'huge.pt'}", f"--data_dir={data}",
-                      "--num_samples=2", "--batch_size=2", f"--output_dir={out}", check=False)
+    proc = run_in_process("image_nll.py", *flags, f"--model_path={bad_models / 'huge.pt'}", f"--data_dir={data}",
+                          "--num_samples=2", "--batch_size=2", f"--output_dir={out}", check=False)
     assert "came out NaN or infinite for images 0 to 1; nothing was written" in _only_line(proc)
     assert not (out / "bpd.json").exists() and not list(out.rglob("*.tmp*"))
 

@@ -24,6 +24,7 @@ from guided_diffusion import dist_util, logger
 from adm_common.errors import UsageError
 from guided_diffusion.image_datasets import ImageDataset, UnreadableImage, load_data
 from guided_diffusion.train_util import check_checkpoint_set, latest_complete_checkpoint
+from sample_scripts import run_in_process
 from training_setup import REPO, TINY_FLAGS, cli_status, load, one_line
 
 pytest.importorskip("sklearn")
@@ -127,7 +128,7 @@ def test_a_log_folder_that_cannot_be_written_is_one_line(tmp_path):
         ({"OPENAI_LOGDIR": str(a_file)}, [], f"error: $OPENAI_LOGDIR {a_file} is a file, not a folder"),
     ]
     for env, flags, expected in cases:
-        line = _only_line(_run("image_train.py", *DIGITS, "--max_steps", "1", *flags, **env))
+        line = _only_line(run_in_process("image_train.py", *DIGITS, "--max_steps", "1", *flags, check=False, env=env))
         assert line.startswith(expected), line
     assert a_file.read_text() == "x"
 
@@ -245,7 +246,7 @@ def test_sigterm_during_training_leaves_a_resumable_run_and_the_same_command_fin
     rows_after = (run / "progress.csv").read_text().splitlines()
     assert rows_after[: len(rows_before)] == rows_before and len(rows_after) > len(rows_before)  # history kept
     argv[argv.index(str(run))] = str(straight)
-    assert _run("image_train.py", *argv).returncode == 0
+    run_in_process("image_train.py", *argv)
     assert _equal(_finals(run, end), _finals(straight, end))
 
 
@@ -260,11 +261,10 @@ def test_sigterm_during_a_save_leaves_the_previous_set_and_the_same_command_fini
     _no_leftovers(run)  # the interrupted save's temporary files are removed, the lock released
     assert check_checkpoint_set(run / "model000002.pt", [0.9]).complete
     assert not check_checkpoint_set(run / "model000004.pt", [0.9]).complete  # renamed, but its set never finished
-    proc = _run("image_train.py", *argv)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_in_process("image_train.py", *argv)
     assert f"resuming from {run / 'model000002.pt'}" in proc.stdout
     argv[argv.index(str(run))] = str(straight)
-    assert _run("image_train.py", *argv).returncode == 0
+    run_in_process("image_train.py", *argv)
     assert _equal(_finals(run, 6), _finals(straight, 6)) and _equal(_finals(run, 4), _finals(straight, 4))
     _no_leftovers(run)
 
@@ -296,6 +296,7 @@ def small_disk(tmp_path):
     try:
         yield mount_point
     finally:
+        logger.reset()  # an in-process run's log files are open on the disk: close them, or umount is refused
         subprocess.run(["umount", str(mount_point)], check=False)
 
 
@@ -303,20 +304,19 @@ def test_a_full_disk_during_a_save_or_a_log_write_is_one_line_and_the_same_comma
     run = small_disk / "run"
     argv = [*DIGITS, "--max_steps", "3", "--log_dir", str(run)]
     # a set (model 0.8 MB, EMA 0.8 MB, optimizer 1.5 MB) does not fit in 1 MB
-    line = _only_line(_run("image_train.py", *argv))
+    line = _only_line(run_in_process("image_train.py", *argv, check=False))
     assert line.startswith(f"error: no space left on device writing {run}/") and "rerun the same command" in line
     _no_leftovers(run)
     assert not list(run.glob("*.pt")) and not list(run.glob("checkpoint*.json"))
     # a disk so full that the log cannot grow
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (1024 * 1024 - 8192))
-    line = _only_line(_run("image_train.py", *argv, "--log_interval", "1"))
+    line = _only_line(run_in_process("image_train.py", *argv, "--log_interval", "1", check=False))
     assert line.startswith("error: no space left on device writing") and "rerun the same command" in line
     _no_leftovers(run)
     filler.unlink()
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
-    proc = _run("image_train.py", *argv)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_in_process("image_train.py", *argv)
     assert check_checkpoint_set(run / "model000003.pt", [0.9]).complete
     _no_leftovers(run)
 
@@ -500,13 +500,14 @@ def test_train_digits_models_says_in_one_line_what_went_wrong(tmp_path):
     assert _only_line(_run("train_digits_models.py", "--only", "digits_classifier", "--max_steps", "0",
                            "--work_dir", str(tmp_path / "w"))) == (
         "error: --max_steps must be at least 1 (the steps each network trains), got 0")
-    assert _only_line(_run("train_digits_models.py", "--only", "digits_classifier", "--work_dir", str(a_file))) == (
+    assert _only_line(run_in_process("train_digits_models.py", "--only", "digits_classifier", "--work_dir", str(a_file),
+                                     check=False)) == (
         f"error: --work_dir {a_file} is a file, not a folder; choose another --work_dir")
     # a training script's own refusal comes back as one line naming the network
     (tmp_path / "w" / "digits_classifier").mkdir(parents=True)
     (tmp_path / "w" / "digits_classifier" / "model000002.pt").write_bytes(b"")
-    line = _only_line(_run("train_digits_models.py", "--only", "digits_classifier", "--max_steps", "1",
-                           "--work_dir", str(tmp_path / "w")))
+    line = _only_line(run_in_process("train_digits_models.py", "--only", "digits_classifier", "--max_steps", "1",
+                                     "--work_dir", str(tmp_path / "w"), check=False))
     assert line.startswith("error: training digits_classifier (classifier_train.py) failed: --log_dir ")
     assert "holds the checkpoints of an earlier run but no complete set" in line
 

@@ -16,17 +16,22 @@ from guided_diffusion.eps_scaling import parse_eps_scale
 from adm_common.files import sha256_file
 from guided_diffusion.image_noise import ImageNoise, image_labels
 from guided_diffusion.run.output import quantize
-from sample_scripts import ROOT, TINY, TINY_FLAGS, run_script, script_env, tiny_models  # noqa: F401 (a fixture)
+from sample_scripts import ROOT, TINY, TINY_FLAGS, run_in_process, run_script, script_env, tiny_models  # noqa: F401 (a fixture)
 
-def sample(tmp_path, models, out, *extra, num=9, batch=4, launcher=()):
+def sample(tmp_path, models, out, *extra, num=9, batch=4, launcher=(), child=False):
+    """image_sample.py on the tiny network, in this process unless a launcher or ``child`` asks for
+    a process of its own."""
     flags = [*TINY_FLAGS, f"--model_path={models / 'uncond.pt'}", f"--num_samples={num}", f"--batch_size={batch}",
              f"--output_dir={tmp_path / out}", "--progress=False", *extra]
-    run_script("image_sample.py", *flags, launcher=launcher)
+    if launcher or child:
+        run_script("image_sample.py", *flags, launcher=launcher)
+    else:
+        run_in_process("image_sample.py", *flags)
     return tmp_path / out / f"samples_{num}x8x8x3.npz"
 
 
 def test_npz_is_adm_format_and_sidecar_records_the_run(tmp_path, tiny_models):
-    path = sample(tmp_path, tiny_models, "a", "--eps_scale=1.017", "--seed=3")
+    path = sample(tmp_path, tiny_models, "a", "--eps_scale=1.017", "--seed=3", child=True)  # as a user runs it
     data = np.load(path)
     assert data.files == ["arr_0"] and data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (9, 8, 8, 3)
     side = json.loads(path.with_suffix(".json").read_text())
@@ -40,6 +45,7 @@ def test_batch_size_does_not_change_any_image(tmp_path, tiny_models):
     a = sample(tmp_path, tiny_models, "b4", batch=4)
     b = sample(tmp_path, tiny_models, "b7", batch=7)
     assert a.read_bytes() == b.read_bytes()
+    assert not (a.parent / ".lock").exists()  # an in-process run ends as a child does: folder unlocked
 
 
 def _loaded(flags, path):
@@ -124,27 +130,27 @@ def test_kill_9_then_resume_gives_identical_npz(tmp_path, tiny_models):
     proc.wait()
     done = len(list((out / "shards").glob("shard-*.npz")))
     assert 2 <= done < 6, "the run was not interrupted part-way"
-    run_script("image_sample.py", *flags)
+    run_in_process("image_sample.py", *flags)
     assert (out / "samples_12x8x8x3.npz").read_bytes() == reference.read_bytes()
 
 
 def test_other_settings_in_the_same_folder_are_refused(tmp_path, tiny_models):
     sample(tmp_path, tiny_models, "same", num=2)
-    proc = run_script("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=2",
-                      f"--output_dir={tmp_path / 'same'}", "--seed=5", check=False)
+    proc = run_in_process("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}",
+                          "--num_samples=2", f"--output_dir={tmp_path / 'same'}", "--seed=5", check=False)
     assert proc.returncode == 2 and "other settings" in proc.stderr and "seed" in proc.stderr
 
 
 def test_class_conditional_and_classifier_guided(tmp_path, tiny_models):
     common = [*TINY_FLAGS, "--class_cond=True", "--num_classes=10", "--num_samples=5", "--batch_size=3",
               f"--model_path={tiny_models / 'cond.pt'}", "--progress=False"]
-    run_script("image_sample.py", *common, f"--output_dir={tmp_path / 'cond'}")
+    run_in_process("image_sample.py", *common, f"--output_dir={tmp_path / 'cond'}")
     data = np.load(tmp_path / "cond" / "samples_5x8x8x3.npz")
     assert data["arr_1"].dtype == np.int64 and data["arr_1"].shape == (5,) and data["arr_1"].max() < 10
     guided = [*common, f"--classifier_path={tiny_models / 'classifier.pt'}", "--classifier_width=32",
               "--classifier_depth=1", "--classifier_attention_resolutions=4", "--classifier_channel_mult=1,2",
               "--image_size=8", "--classifier_scale=4.0", f"--output_dir={tmp_path / 'guided'}"]
-    run_script("classifier_sample.py", *guided)
+    run_in_process("classifier_sample.py", *guided)
     g = np.load(tmp_path / "guided" / "samples_5x8x8x3.npz")
     assert np.array_equal(g["arr_1"], data["arr_1"])  # labels are a function of (seed, i) alone
     assert not np.array_equal(g["arr_0"], data["arr_0"])
@@ -154,7 +160,7 @@ def test_class_conditional_and_classifier_guided(tmp_path, tiny_models):
 
 
 def _error(tmp_path, *flags, script="image_sample.py"):
-    proc = run_script(script, *flags, check=False)
+    proc = run_in_process(script, *flags, check=False)
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
@@ -190,7 +196,7 @@ def test_upsampler_errors(tmp_path, tiny_models):
 def test_infer_flags_takes_the_shape_flags_from_the_checkpoint(tmp_path, tiny_models):
     reference = sample(tmp_path, tiny_models, "right", num=3)
     wrong = [f for f in TINY_FLAGS if not f.startswith(("--num_channels", "--channel_mult", "--learn_sigma"))]
-    run_script("image_sample.py", *wrong, "--num_channels=64", "--channel_mult=1,1,1", "--learn_sigma=False",
+    run_in_process("image_sample.py", *wrong, "--num_channels=64", "--channel_mult=1,1,1", "--learn_sigma=False",
                "--infer_flags=True", f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=3",
                "--batch_size=4", f"--output_dir={tmp_path / 'inferred'}", "--progress=False")
     assert (tmp_path / "inferred" / "samples_3x8x8x3.npz").read_bytes() == reference.read_bytes()
@@ -208,9 +214,9 @@ def test_speed_switches_keep_the_images_and_are_part_of_the_run(tmp_path, tiny_m
     side = json.loads(bf16.with_suffix(".json").read_text())
     assert side["autocast_dtype"] == "bf16" and side["channels_last"] is False and side["fused_attention"] is True
     # a folder begun without the switch refuses to be continued with it
-    proc = run_script("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=4",
-                      "--batch_size=4", f"--output_dir={tmp_path / 'plain'}", "--progress=False",
-                      "--channels_last=True", check=False)
+    proc = run_in_process("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}",
+                          "--num_samples=4", "--batch_size=4", f"--output_dir={tmp_path / 'plain'}",
+                          "--progress=False", "--channels_last=True", check=False)
     assert proc.returncode == 2 and "other settings" in proc.stderr and "channels_last" in proc.stderr
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from sample_scripts import TINY, TINY_FLAGS, run_script, tiny_models  # noqa: F401
+from sample_scripts import TINY, TINY_FLAGS, run_in_process, run_script, tiny_models  # noqa: F401
 
 from guided_diffusion import script_util as su
 from guided_diffusion.time_shift import TimeShift
@@ -15,7 +15,7 @@ SHIFT_FLAGS = ["--do_time_shift=True", "--window=12", "--cutoff=4"]
 
 
 def sample(folder, out, *flags):
-    run_script("image_sample.py", *TINY_FLAGS, f"--model_path={folder / 'uncond.pt'}", "--num_samples=5",
+    run_in_process("image_sample.py", *TINY_FLAGS, f"--model_path={folder / 'uncond.pt'}", "--num_samples=5",
                f"--output_dir={out}", "--seed=3", *flags)
     (npz,) = out.glob("samples_*.npz")
     return np.load(npz)["arr_0"], json.loads(npz.with_suffix(".json").read_text())
@@ -63,13 +63,13 @@ def test_the_sidecar_records_every_images_shifted_timesteps_in_any_batch(tiny_mo
     assert any(set(c) - set(scheduled) - {-1} for c in got)  # some image did move off the grid
 
 
-@pytest.mark.parametrize("flags,line", [
-    (["--window=-2"], "time shift window must be >= 0, got -2"),
-    (["--cutoff=40"], "time shift cutoff 40 is outside 0..39"),
-    (["--time_shift_rule=tsdpm_adm", "--use_ddim=False", "--cutoff=4"], "tsdpm_adm"),
+@pytest.mark.parametrize("flags,line,run", [
+    (["--window=-2"], "time shift window must be >= 0, got -2", run_script),  # once as a user runs it: a child
+    (["--cutoff=40"], "time shift cutoff 40 is outside 0..39", run_in_process),
+    (["--time_shift_rule=tsdpm_adm", "--use_ddim=False", "--cutoff=4"], "tsdpm_adm", run_in_process),
 ])
-def test_bad_time_shift_flags_are_one_line(tiny_models, tmp_path, flags, line):
-    proc = run_script("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=2",
+def test_bad_time_shift_flags_are_one_line(tiny_models, tmp_path, flags, line, run):
+    proc = run("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=2",
                       f"--output_dir={tmp_path / 'out'}", "--do_time_shift=True", *flags, check=False)
     assert proc.returncode == 2 and line in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # refused before the output folder is made

@@ -1,5 +1,6 @@
 """The tiny training set-up the training tests share: an 8 px UNet on scikit-learn's digits, its
-TrainLoop, and the training commands run in-process (the scripts' own functions, with their flags)."""
+TrainLoop, and the training commands run in-process (the scripts' own functions, with their flags, or the
+scripts themselves through sample_scripts.run_in_process)."""
 
 from pathlib import Path
 
@@ -64,18 +65,13 @@ def train_command(name, argv) -> None:
     train(parser().parse_args(argv))
 
 
-def cli_status(name, argv, capsys):
-    """``scripts/{name}.py ARGV`` in this process as its command line ends: (exit status, stderr, stdout)."""
-    from adm_common.cli import cli_main
+def cli_status(name, argv, capsys=None):
+    """``scripts/{name}.py ARGV`` in this process as its command line ends: (exit status, stderr, stdout).
+    (``capsys`` is not needed: sample_scripts.run_in_process captures the script's output itself.)"""
+    from sample_scripts import run_in_process
 
-    capsys.readouterr()
-    try:
-        cli_main(lambda: train_command(name, argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.err.strip(), captured.out
+    proc = run_in_process(f"{name}.py", *argv, check=False)
+    return proc.returncode, proc.stderr.strip(), proc.stdout
 
 
 def one_line(code, err):
