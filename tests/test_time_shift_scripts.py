@@ -16,7 +16,7 @@ SHIFT_FLAGS = ["--do_time_shift=True", "--window=12", "--cutoff=4"]
 
 def sample(folder, out, *flags):
     run_in_process("image_sample.py", *TINY_FLAGS, f"--model_path={folder / 'uncond.pt'}", "--num_samples=5",
-               f"--output_dir={out}", "--seed=3", *flags)
+                   f"--output_dir={out}", "--seed=3", *flags)
     (npz,) = out.glob("samples_*.npz")
     return np.load(npz)["arr_0"], json.loads(npz.with_suffix(".json").read_text())
 
@@ -70,7 +70,7 @@ def test_the_sidecar_records_every_images_shifted_timesteps_in_any_batch(tiny_mo
 ])
 def test_bad_time_shift_flags_are_one_line(tiny_models, tmp_path, flags, line, run):
     proc = run("image_sample.py", *TINY_FLAGS, f"--model_path={tiny_models / 'uncond.pt'}", "--num_samples=2",
-                      f"--output_dir={tmp_path / 'out'}", "--do_time_shift=True", *flags, check=False)
+               f"--output_dir={tmp_path / 'out'}", "--do_time_shift=True", *flags, check=False)
     assert proc.returncode == 2 and line in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
