@@ -4,8 +4,8 @@ Example:
     python scripts/image_nll.py --config iddpm_cifar10_uncond --model_path cifar10_uncond_50M_500K.pt \
         --data_dir cifar_test --num_samples 1000 --batch_size 50
 Writes bpd.json (mean bits/dim, its standard error, and the per-term means) to the output folder,
-and ADM's {total_bpd,prior_bpd,vb,mse,xstart_mse}_terms.npz (arr_0: the mean over the images, per
-timestep for vb, mse and xstart_mse).
+and ADM's vb_terms.npz, mse_terms.npz and xstart_mse_terms.npz (arr_0: each term's mean over the
+images, per timestep).
 
 Image i of the data (in file order; rank r reads images r, r + W, ... of W ranks) is noised with
 the per-image noise of (--seed, i), so its terms, and the mean over the first --num_samples images,
@@ -31,6 +31,9 @@ from guided_diffusion.image_noise import ImageNoise
 from guided_diffusion.run import pipeline as sampling
 from guided_diffusion.run.configs import parse_args_with_config
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+
+
+ADM_TERMS = ("vb", "mse", "xstart_mse")  # the per-timestep terms ADM saves as {name}_terms.npz
 
 
 def create_argparser():
@@ -78,7 +81,8 @@ def main():
         result = {key: float(np.mean(value)) for key, value in means.items()}
         result.update(num_images=len(bpd), bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd))) if len(bpd) > 1 else None,
                       model_sha256=weights.sha256, settings=vars(args))
-        for key, value in means.items():
+        for key in ADM_TERMS:
+            value = means[key]
             atomic_write_bytes(os.path.join(args.output_dir, f"{key}_terms.npz"), _npz_bytes(value))
         atomic_write_text(os.path.join(args.output_dir, "bpd.json"), json.dumps(result, indent=1, default=str))
         logger.log(f"bits/dim {result['total_bpd']:.4f} over {len(bpd)} images")

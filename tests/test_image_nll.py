@@ -1,6 +1,6 @@
 """scripts/image_nll.py: bits/dim of image i from the per-image noise of (seed, i), so the numbers
 are those of ADM's calc_bpd_loop over the first --num_samples images whatever the batch size or
-rank count, and ADM's {name}_terms.npz beside bpd.json."""
+rank count, and ADM's vb/mse/xstart_mse _terms.npz beside bpd.json."""
 
 import json
 import shutil
@@ -17,6 +17,7 @@ from sample_scripts import TINY, TINY_FLAGS, run_in_process, run_script, tiny_mo
 pytest.importorskip("sklearn")  # the digits are scikit-learn's
 NUM, SEED = 5, 3
 TERMS = ("total_bpd", "prior_bpd", "vb", "mse", "xstart_mse")
+ADM_TERMS = ("mse", "vb", "xstart_mse")  # the per-timestep terms ADM's image_nll.py saves
 
 
 def nll(tiny_models, out, batch, launcher=()):
@@ -50,11 +51,12 @@ def test_bits_per_dim_are_adms_bound_over_the_first_images_in_any_batch(tmp_path
         assert result["num_images"] == NUM
         for key in TERMS:
             assert result[key] == pytest.approx(expected[key].mean(), rel=1e-5), (batch, key)
+        assert sorted(p.name for p in out.glob("*_terms.npz")) == [f"{key}_terms.npz" for key in ADM_TERMS]
+        for key in ADM_TERMS:
             terms = np.load(out / f"{key}_terms.npz")
             assert terms.files == ["arr_0"]  # ADM's np.savez(path, array)
-            want = expected[key].mean(axis=0)  # per timestep for vb, mse and xstart_mse (6 steps)
-            assert terms["arr_0"].shape == (() if expected[key].ndim == 1 else (6,))
-            np.testing.assert_allclose(terms["arr_0"], want, rtol=1e-5)
+            np.testing.assert_allclose(terms["arr_0"], expected[key].mean(axis=0), rtol=1e-5)  # per timestep
+            assert terms["arr_0"].shape == (6,)
         spread = expected["total_bpd"].std(ddof=1) / np.sqrt(NUM)
         assert result["bpd_stderr"] == pytest.approx(spread, rel=1e-5)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from guided_diffusion.run import speed
 from guided_diffusion.run.speed import AUTOCAST_REL_TOL, FLOAT32_ATOL, optimize_for_sampling, parse_autocast_dtype
 from adm_reference import assert_loop_close, golden_diffusion, golden_network
 from benchmarks import bench_sampling, measure, report, variants
@@ -274,3 +275,28 @@ def test_processes_run_the_same_measurement_at_once_and_add_up_the_machine(tmp_p
     with pytest.raises(SystemExit) as exit_info:
         bench_sampling.main(["run", "--configs=tiny", "--processes=0"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("probes,native", [
+    ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, False),  # an AVX2-only CPU
+    ({"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": False}, True),
+    ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, True),
+    ({}, True),  # a torch without the probes: no warning rather than a false one
+])
+def test_bf16_autocast_on_a_cpu_without_bfloat16_hardware_is_warned_of(monkeypatch, capsys, probes, native):
+    from argparse import Namespace
+
+    from guided_diffusion.run import pipeline
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        if name in probes:
+            monkeypatch.setattr(torch.cpu, name, lambda value=probes[name]: value, raising=False)
+        else:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert speed.cpu_has_native_bfloat16() is native
+    net = torch.nn.Conv2d(3, 3, 1).eval()
+    for dtype in ("bf16", "none"):
+        capsys.readouterr()
+        pipeline.sampling_network(net, Namespace(autocast_dtype=dtype))
+        warned = "no bfloat16 hardware" in capsys.readouterr().out
+        assert warned is (dtype == "bf16" and not native), dtype
