@@ -17,7 +17,7 @@ from sample_scripts import TINY, TINY_FLAGS, run_in_process, run_script, tiny_mo
 pytest.importorskip("sklearn")  # the digits are scikit-learn's
 NUM, SEED = 5, 3
 TERMS = ("total_bpd", "prior_bpd", "vb", "mse", "xstart_mse")
-ADM_TERMS = ("mse", "vb", "xstart_mse")  # the per-timestep terms ADM's image_nll.py saves
+ADM_TERMS = ("mse", "vb", "xstart_mse")  # the per-timestep terms ADM's image_nll.py saves (sorted)
 
 
 def nll(tiny_models, out, batch, launcher=()):

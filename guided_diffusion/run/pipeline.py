@@ -26,12 +26,7 @@ from guided_diffusion.run.checkpoints import SHAPE_FLAGS, infer_unet_flags, load
 from guided_diffusion.run.collective import together
 from guided_diffusion.run.eps_choice import EpsChoice, choose_eps_scale
 from guided_diffusion.run.output import SampleRun, output_folder, quantize, run_sampling
-from guided_diffusion.run.speed import (
-    SpeedSettings,
-    cpu_has_native_bfloat16,
-    optimize_for_sampling,
-    parse_autocast_dtype,
-)
+from guided_diffusion.run.speed import SpeedSettings, optimize_for_sampling, parse_autocast_dtype, slow_autocast_warning
 from guided_diffusion.respace import space_timesteps
 from guided_diffusion.script_util import args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.time_shift import time_shift_from_flags
@@ -191,10 +186,9 @@ def sampling_network(net, args):
     every switch is part of the run's settings, so shards made with other switches are refused.
     """
     defaults = SpeedSettings()
-    if dist_util.dev().type == "cpu" and parse_autocast_dtype(getattr(args, "autocast_dtype", None)) == torch.bfloat16 \
-            and not cpu_has_native_bfloat16():
-        logger.log("warning: this CPU has no bfloat16 hardware (AVX-512 BF16 or AMX), so --autocast_dtype bf16 "
-                   "is emulated and far slower than float32 here; --autocast_dtype none is faster")
+    slow = slow_autocast_warning(parse_autocast_dtype(getattr(args, "autocast_dtype", None)), dist_util.dev())
+    if slow:
+        logger.log(f"warning: {slow}")
     try:
         return optimize_for_sampling(
             net,

@@ -73,6 +73,15 @@ def cpu_has_native_bfloat16() -> bool:
     return not probes or any(probe() for probe in probes)
 
 
+def slow_autocast_warning(dtype, device) -> str | None:
+    """Why autocast to ``dtype`` on ``device`` would be slower than float32 (None when it would not):
+    bfloat16 on a CPU without bfloat16 hardware."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_native_bfloat16():
+        return ("this CPU has no bfloat16 hardware (AVX-512 BF16 or AMX), so --autocast_dtype bf16 is emulated "
+                "and far slower than float32 here; --autocast_dtype none is faster")
+    return None
+
+
 @dataclass(frozen=True)
 class SpeedSettings:
     """Which switches a SamplingModel runs with (see the module docstring)."""
